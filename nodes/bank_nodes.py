@@ -1,0 +1,120 @@
+"""FeatureBank, ExtendedAttentionPatch and FeatureFusionPatch nodes."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..streamv2v_core.bank import BANKS, MODES, BankConfig, BankHandle
+from ..streamv2v_core.patches import ALL, BLOCK_CHOICES, LOW_RES_DECODER, ExtendedAttention, FeatureFusion
+from .model_patching import patched_clone
+
+Bank = io.Custom("STREAMV2V_BANK")
+
+CATEGORY = "StreamV2V"
+
+
+class FeatureBankNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FeatureBank",
+            display_name="StreamV2V Feature Bank",
+            category=CATEGORY,
+            description="A named bank of past frames' features. It lives beyond one run: every prompt that "
+                        "uses the same name shares it, so frames queued one by one still see their past.",
+            inputs=[
+                io.String.Input("name", default="default",
+                                tooltip="Banks with the same name are the same bank, across prompts and workflows."),
+                io.Combo.Input("mode", options=list(MODES), default="dyme",
+                               tooltip="dyme: merge new frames into a bank of constant size (paper default). "
+                                       "queue: keep the last `size` frames as they are (more memory, shorter memory)."),
+                io.Int.Input("size", default=1, min=1, max=16,
+                             tooltip="Frames' worth of features the bank keeps. 1 is the paper's DyMe setting; "
+                                     "larger costs time and memory."),
+                io.Int.Input("interval", default=4, min=1, max=1000,
+                             tooltip="Update the bank every this many frames. Larger holds the look longer; "
+                                     "smaller follows fast motion better."),
+                io.Boolean.Input("reset", default=False,
+                                 tooltip="Clear the bank when this prompt runs (leave on to start fresh every run)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Advanced: seed of the bank's own random split for dynamic merging."),
+            ],
+            outputs=[Bank.Output(display_name="bank", tooltip="Connect to the patch nodes and the StreamV2V sampler.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, name, **kwargs):
+        if not str(name).strip():
+            return "FeatureBank: give the bank a name (any text); banks with the same name are shared."
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, reset=False, **kwargs):
+        # A reset must happen on every run it is asked for, so never reuse a cached result then.
+        return float("nan") if reset else ""
+
+    @classmethod
+    def execute(cls, name, mode, size, interval, reset, seed=0) -> io.NodeOutput:
+        handle = BankHandle(str(name).strip(), BankConfig(mode=mode, size=size, interval=interval, seed=seed))
+        bank = handle.bank
+        if reset:
+            bank.reset("reset requested by the FeatureBank node")
+        return io.NodeOutput(handle)
+
+
+class ExtendedAttentionPatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ExtendedAttentionPatch",
+            display_name="StreamV2V Extended Attention",
+            category=CATEGORY,
+            description="Self-attention also attends to the bank's past frames (paper eq. 1): the main source "
+                        "of temporal consistency. Returns a patched copy; the input model is unchanged.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.5- or SDXL-family model (LoRAs and other patches are kept)."),
+                Bank.Input("bank", tooltip="The feature bank to read and fill."),
+                io.Combo.Input("blocks", options=list(BLOCK_CHOICES), default=ALL,
+                               tooltip="Which self-attentions to extend. all (paper) is the most consistent; "
+                                       "fewer blocks are faster."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with extended self-attention.")],
+        )
+
+    @classmethod
+    def execute(cls, model, bank, blocks=ALL) -> io.NodeOutput:
+        return io.NodeOutput(patched_clone(model, "attn1_patch", ExtendedAttention(bank, blocks)))
+
+
+class FeatureFusionPatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FeatureFusionPatch",
+            display_name="StreamV2V Feature Fusion",
+            category=CATEGORY,
+            description="Blends each self-attention output with its most similar feature in the bank (paper "
+                        "eq. 2). Returns a patched copy; the input model is unchanged.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.5- or SDXL-family model (LoRAs and other patches are kept)."),
+                Bank.Input("bank", tooltip="The feature bank to read and fill."),
+                io.Float.Input("alpha", default=0.75, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fusion strength: 0 keeps the current frame, 1 copies the past. "
+                                       "Paper 0.75, the authors' code 0.8."),
+                io.Float.Input("threshold", default=0.9, min=0.0, max=1.0, step=0.01,
+                               tooltip="Only tokens whose best cosine match in the bank reaches this are fused; "
+                                       "new content stays as is. Paper 0.9, the authors' code 0.98."),
+                io.Combo.Input("blocks", options=list(BLOCK_CHOICES), default=LOW_RES_DECODER,
+                               tooltip="low-res decoder (paper): middle block and the two lowest-resolution "
+                                       "decoder levels. all blocks can blur details."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with feature fusion.")],
+        )
+
+    @classmethod
+    def execute(cls, model, bank, alpha=0.75, threshold=0.9, blocks=LOW_RES_DECODER) -> io.NodeOutput:
+        return io.NodeOutput(patched_clone(model, "attn1_output_patch", FeatureFusion(bank, blocks, alpha, threshold)))
+
+
+NODES = [FeatureBankNode, ExtendedAttentionPatch, FeatureFusionPatch]
+
+__all__ = ["BANKS", "NODES", "Bank"]
