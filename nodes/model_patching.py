@@ -4,7 +4,7 @@ from __future__ import annotations
 import comfy.patcher_extension
 
 from ..streamv2v_core.bank import BankHandle
-from ..streamv2v_core.patches import FRAMES_KEY
+from ..streamv2v_core.patches import STREAM_KEY
 
 
 def patched_clone(model, patch_type: str, patch):
@@ -40,7 +40,7 @@ class FrameCounter:
     def __call__(self, executor, noise, latent_image, *args, **kwargs):
         guider = executor.class_obj
         transformer_options = guider.model_options.get("transformer_options", {})
-        if FRAMES_KEY in transformer_options:
+        if transformer_options.get(STREAM_KEY):
             return executor(noise, latent_image, *args, **kwargs)
         bank = self.handle.bank
         bank.check_signature(model_signature(guider.model_patcher, latent_image))

@@ -12,7 +12,7 @@ transformer within that block), ``original_shape`` (the latent ``[B, C, H, W]``)
 ``cond_or_uncond`` (one flag per batch chunk, 0 = positive, 1 = negative),
 ``sigmas`` (one per batch row) and ``sample_sigmas`` (the run's schedule). A driver
 that puts several frames in one call (the stream batch) adds ``streamv2v_frames``:
-the frame index of each row of a chunk.
+for each row of a chunk, its frame's offset from the bank's ``frames_seen``.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ ALL = "all"
 DECODER = "decoder"
 LOW_RES_DECODER = "low-res decoder"
 BLOCK_CHOICES = (ALL, DECODER, LOW_RES_DECODER)
-FRAMES_KEY = "streamv2v_frames"
+FRAMES_KEY = "streamv2v_frames"  # per call: frame offset of each row of a chunk
+STREAM_KEY = "streamv2v_stream"  # on a model driven by the stream sampler, which numbers frames itself
 
 
 def resolution_level(tokens: int, original_shape) -> int | None:
@@ -60,11 +61,13 @@ def row_groups(batch: int, extra_options: dict, bank: FeatureBank) -> list[tuple
         flags = [0]
     per_chunk = batch // len(flags)
     sigmas = extra_options.get("sigmas")
-    sigmas = [0.0] * batch if sigmas is None else torch.as_tensor(sigmas).flatten().tolist()
-    if len(sigmas) != batch:
+    sigmas = [0.0] if sigmas is None else torch.as_tensor(sigmas).flatten().tolist()
+    if len(sigmas) == per_chunk:  # ComfyUI passes one sigma per row of a chunk
+        sigmas = sigmas * len(flags)
+    elif len(sigmas) != batch:
         sigmas = [sigmas[0]] * batch
     frames = extra_options.get(FRAMES_KEY)
-    frames = [bank.frames_seen] * per_chunk if frames is None else [int(f) for f in frames]
+    frames = [bank.frames_seen + int(f) for f in (frames if frames is not None else [0] * per_chunk)]
     if len(frames) != per_chunk:
         raise ValueError(f"{FRAMES_KEY} names {len(frames)} frames for {per_chunk} rows")
     schedule = extra_options.get("sample_sigmas")

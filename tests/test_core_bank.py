@@ -218,9 +218,10 @@ def test_rows_are_keyed_by_cond_flag_and_step_in_any_order():
     bank_mod.BANKS.remove(name)
     handle = BankHandle(name, BankConfig(interval=1))
     ea = patches.ExtendedAttention(handle, "all")
-    # Chunk order negative-then-positive, two rows per chunk at two different steps (a stream batch).
+    # Chunk order negative-then-positive, two rows per chunk at two different steps (a stream batch);
+    # ComfyUI passes one sigma per row of a chunk.
     ctx = torch.stack([torch.full((64, 4), v) for v in (1.0, 2.0, 3.0, 4.0)])
-    ea(ctx, ctx, ctx, _options([1, 0], [14.6, 3.0, 14.6, 3.0], frames=[0, 0]))
+    ea(ctx, ctx, ctx, _options([1, 0], [14.6, 3.0], frames=[0, 0]))
     bank = handle.bank
     layer = ("input", 1, 0)
     assert bank.read((layer, 0, 1), "n")[0, 0, 0] == 1.0

@@ -1,0 +1,95 @@
+"""StreamV2VSampler: restyle an IMAGE batch frame by frame with the stream batch."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+import comfy.samplers
+import comfy.utils
+
+from .previews import preview_of
+from .stream_engine import StreamSettings, run_stream
+
+CATEGORY = "StreamV2V"
+
+
+def stream_inputs() -> list:
+    """Inputs shared by every node that runs the stream engine (defaults from the paper)."""
+    return [
+        io.Model.Input("model", tooltip="An SD1.5/SDXL model, usually with an LCM LoRA; patch it with the "
+                                        "StreamV2V attention/fusion nodes to use a feature bank."),
+        io.Conditioning.Input("positive", tooltip="The prompt that restyles the video."),
+        io.Conditioning.Input("negative", tooltip="Only used when cfg is above 1."),
+        io.Vae.Input("vae", tooltip="Encodes and decodes every frame; TAESD is much faster."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="Seed of the noise added to every frame."),
+        io.Int.Input("steps", default=4, min=1, max=50, tooltip="Denoising steps per frame (4 for LCM)."),
+        io.Float.Input("strength", default=0.4, min=0.01, max=1.0, step=0.01,
+                       tooltip="How much of each frame is re-imagined: low keeps the video, high follows the "
+                               "prompt (SDEdit strength, paper 0.4)."),
+        io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1,
+                       tooltip="Guidance. 1.0 (paper) runs the positive prompt only and is twice as fast."),
+        io.Boolean.Input("stream_batch", default=True,
+                         tooltip="Run all denoising steps of consecutive frames in one model call "
+                                 "(StreamDiffusion); same frames, faster on a GPU."),
+        io.Boolean.Input("fixed_noise", default=True,
+                         tooltip="Use the same noise for every frame: steadier video. Off: fresh noise per frame."),
+        io.Boolean.Input("similarity_filter", default=False, optional=True,
+                         tooltip="Reuse the previous output for frames that barely changed (saves work on "
+                                 "static shots)."),
+        io.Float.Input("similarity_threshold", default=0.98, min=0.0, max=0.999, step=0.001, optional=True,
+                       tooltip="Advanced: cosine similarity above which frames may be skipped."),
+        io.Int.Input("max_skips", default=10, min=1, max=1000, optional=True,
+                     tooltip="Advanced: at most this many frames in a row reuse an output."),
+        io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="sgm_uniform",
+                       optional=True, tooltip="Advanced: noise schedule (sgm_uniform suits LCM)."),
+    ]
+
+
+def stream_settings(**kwargs) -> StreamSettings:
+    names = StreamSettings.__dataclass_fields__
+    return StreamSettings(**{k: v for k, v in kwargs.items() if k in names and v is not None})
+
+
+class StreamV2VSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StreamV2VSampler",
+            display_name="StreamV2V Sampler",
+            category=CATEGORY,
+            description="Restyles frames in order with SDEdit + LCM and StreamDiffusion's stream batch. "
+                        "Output frame i belongs to input frame i.",
+            inputs=[*stream_inputs()[:4],
+                    io.Image.Input("images", tooltip="The video frames, in order (an IMAGE batch)."),
+                    *stream_inputs()[4:]],
+            outputs=[io.Image.Output(display_name="images", tooltip="The restyled frames, same count and order.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, steps=4, strength=0.4, **kwargs):
+        try:
+            StreamSettings(steps=steps, strength=strength).check()
+        except ValueError as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def execute(cls, model, positive, negative, vae, images, **kwargs) -> io.NodeOutput:
+        settings = stream_settings(**kwargs)
+        settings.check()
+        if images is None or images.shape[0] == 0:
+            raise ValueError("StreamV2VSampler got an empty image batch: connect a video or image loader")
+        total = images.shape[0]
+        outputs: list[torch.Tensor | None] = [None] * total
+        progress = comfy.utils.ProgressBar(total)
+
+        def on_output(index: int, image: torch.Tensor) -> None:
+            outputs[index] = image.cpu()
+            progress.update_absolute(index + 1, total, preview_of(image))
+
+        run_stream(model, positive, negative, vae, iter(images), settings, on_output)
+        return io.NodeOutput(torch.stack(outputs))
+
+
+NODES = [StreamV2VSampler]
