@@ -124,7 +124,7 @@ def run_stream(model, positive, negative, vae, frames: Iterable[torch.Tensor], s
                 if tuple(image.shape[:2]) != (height, width):
                     raise ValueError(f"frame {index} is {image.shape[1]}x{image.shape[0]}, the stream started at "
                                      f"{width}x{height}: all frames must have one size")
-                if similarity is not None and sources and similarity.skip(image):
+                if similarity is not None and similarity.skip(image):  # never the first frame
                     sources[-1].append(index)
                     continue
                 sources.append([index])
