@@ -1,0 +1,122 @@
+"""StreamV2VMetrics: temporal-consistency numbers for a restyled video, plus a per-frame plot.
+
+Inputs: ``images`` (the output video, IMAGE ``[T, H, W, 3]`` in 0..1, ``T >= 2``), optionally
+``source_images`` (the input video, same ``T, H, W``: the optical flow is then taken from it, as
+in the StreamV2V paper) and ``clip_vision`` (a CLIP vision model, for the CLIP frame consistency).
+
+Outputs: warp error (0..255 MSE scale, lower is steadier), flow score (OFS, px^2 per frame pair,
+of the video the flow comes from), MAWE (warp error / flow score), scene cuts (PySceneDetect
+AdaptiveDetector on the output), CLIP consistency (mean cosine of consecutive frames' CLIP image
+embeddings x100; NaN when no CLIP vision model is connected), a plot of the per-pair warp error
+(IMAGE ``[1, 320, 640, 3]``) and a text summary (also shown on the node).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..streamv2v_core.metrics import clip_frame_consistency, mawe, plot_per_frame, scene_cuts, warp_error
+
+CATEGORY = "StreamV2V"
+CLIP_BATCH = 16  # frames per CLIP vision call
+
+
+def check_videos(images, source_images) -> None:
+    """Raise ValueError with the fix when the videos cannot be compared."""
+    if images is None or images.ndim != 4 or images.shape[0] < 2:
+        got = "nothing" if images is None else f"{images.shape[0] if images.ndim == 4 else 1} frame(s)"
+        raise ValueError(f"StreamV2V Temporal Consistency needs a video of at least 2 frames in `images`, got "
+                         f"{got}: connect the whole restyled clip as one IMAGE batch")
+    if source_images is None:
+        return
+    if source_images.ndim != 4 or source_images.shape[0] != images.shape[0]:
+        count = source_images.shape[0] if source_images.ndim == 4 else 1
+        raise ValueError(f"`source_images` has {count} frame(s) but `images` has {images.shape[0]}: connect the "
+                         f"source clip that produced these outputs, frame for frame")
+    if tuple(source_images.shape[1:3]) != tuple(images.shape[1:3]):
+        raise ValueError(f"`source_images` are {source_images.shape[2]}x{source_images.shape[1]} but `images` are "
+                         f"{images.shape[2]}x{images.shape[1]}: resize one to the other's size first "
+                         f"(core 'Upscale Image' node)")
+
+
+def clip_embeddings(clip_vision, images: torch.Tensor, batch: int = CLIP_BATCH) -> torch.Tensor:
+    """``[T, D]`` image embeddings from ``clip_vision.encode_image(chunk).image_embeds``, in chunks."""
+    chunks = [clip_vision.encode_image(images[i:i + batch][..., :3]).image_embeds.float().cpu()
+              for i in range(0, images.shape[0], batch)]
+    return torch.cat(chunks).reshape(images.shape[0], -1)
+
+
+def summary_text(warp, flow_from, ofs, value, cuts, clip_score) -> str:
+    clip_line = "not measured (connect a CLIP vision model)" if math.isnan(clip_score) else f"{clip_score:.2f}"
+    return "\n".join([
+        f"warp error: {warp:.3f}  (0..255 MSE, flow from {flow_from}; lower is steadier)",
+        f"flow score (OFS): {ofs:.3f} px^2",
+        f"MAWE: {value:.4g}",
+        f"scene cuts: {cuts}",
+        f"CLIP frame consistency: {clip_line}",
+    ])
+
+
+class StreamV2VMetrics(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StreamV2VMetrics",
+            display_name="StreamV2V Temporal Consistency",
+            category=CATEGORY,
+            description="Measures how steady a restyled video is: warp error, optical-flow score, MAWE, scene "
+                        "cuts and (with a CLIP vision model) CLIP frame consistency, plus a per-frame plot. "
+                        "Flow is OpenCV DIS (the papers used RAFT), so numbers compare with each other, "
+                        "not with the papers' tables.",
+            inputs=[
+                io.Image.Input("images", tooltip="The output video (restyled frames, in order, at least 2)."),
+                io.Image.Input("source_images", optional=True,
+                               tooltip="The input video the outputs were made from, same length and size. The "
+                                       "motion is measured on it (as in the StreamV2V paper); without it, on "
+                                       "the output itself."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="A CLIP vision model (Load CLIP Vision) for CLIP frame consistency; "
+                                            "left out, that output is NaN."),
+                io.Int.Input("flow_size", default=0, min=0, max=4096, step=8, optional=True,
+                             tooltip="Advanced: resize both videos to this square size before measuring flow "
+                                     "metrics (StreamingT2V used 720). 0 keeps the frames' own size."),
+            ],
+            outputs=[
+                io.Float.Output(display_name="warp_error",
+                                tooltip="Mean warp error over consecutive pairs (0..255 MSE scale, lower is "
+                                        "steadier)."),
+                io.Float.Output(display_name="flow_score",
+                                tooltip="Optical-flow score: mean squared flow magnitude (px^2) of the video the "
+                                        "flow comes from (the source when connected)."),
+                io.Float.Output(display_name="mawe", tooltip="Motion-aware warp error = warp error / flow score "
+                                                             "(inf for a video without motion)."),
+                io.Int.Output(display_name="scene_cuts", tooltip="Scene cuts PySceneDetect finds in the output "
+                                                                 "(0 for one continuous shot)."),
+                io.Float.Output(display_name="clip_consistency",
+                                tooltip="Mean CLIP cosine similarity of consecutive frames x100 (NaN when no "
+                                        "CLIP vision model is connected)."),
+                io.Image.Output(display_name="plot", tooltip="Warp error per consecutive frame pair, as an image."),
+                io.String.Output(display_name="summary", tooltip="All numbers as text."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, images, source_images=None, clip_vision=None, flow_size=0) -> io.NodeOutput:
+        check_videos(images, source_images)
+        size = (int(flow_size), int(flow_size)) if flow_size else None
+        warp = warp_error(images, source_images, size=size)
+        motion = mawe(images, source_images, size=size)
+        cuts = int(scene_cuts(images))
+        clip_score = float("nan")
+        if clip_vision is not None:
+            clip_score = clip_frame_consistency(clip_embeddings(clip_vision, images))
+        title = f"warp error per frame pair (flow from {warp.flow_from})"
+        plot = torch.from_numpy(plot_per_frame(warp.per_pair, title=title))[None]
+        text = summary_text(warp.mean, warp.flow_from, motion.flow_score, motion.mawe, cuts, clip_score)
+        return io.NodeOutput(float(warp.mean), float(motion.flow_score), float(motion.mawe), cuts, clip_score,
+                             plot, text, ui=ui.PreviewText(text))
+
+
+NODES = [StreamV2VMetrics]
