@@ -89,6 +89,22 @@ class _BankPatch:
         self.handle = handle
         self.blocks = blocks
         self._deepest: dict[tuple, int] = {}  # latent (H, W) -> lowest resolution level seen
+        self._groups: tuple | None = None  # (what they were computed from, row groups)
+
+    def groups(self, batch: int, extra_options: dict, bank: FeatureBank) -> list:
+        """``row_groups`` for this call, computed once per UNet call rather than once per layer.
+
+        Every attention of one UNet call sees the same ``sigmas`` tensor; reading it (a GPU
+        sync on CUDA) once per call keeps the patches off the critical path.
+        """
+        # Tensors and lists by identity (the cache holds them, so an id cannot be reused), the rest by value.
+        basis = (extra_options.get("sigmas"), extra_options.get(FRAMES_KEY),
+                 tuple(extra_options.get("cond_or_uncond") or ()), bank.frames_seen, batch, bank)
+        cached = self._groups
+        if cached is None or cached[0][0] is not basis[0] or cached[0][1] is not basis[1] \
+                or cached[0][2:] != basis[2:]:
+            self._groups = cached = (basis, row_groups(batch, extra_options, bank))
+        return cached[1]
 
     def selected(self, extra_options: dict, tokens: int) -> bool:
         """Whether this call's block is one the patch applies to.
@@ -139,7 +155,7 @@ class ExtendedAttention(_BankPatch):
             return n, context, value
         bank = self.handle.bank
         layer = self.layer(extra_options)
-        groups = row_groups(context.shape[0], extra_options, bank)
+        groups = self.groups(context.shape[0], extra_options, bank)
         banked: list[torch.Tensor | None] = [None] * context.shape[0]
         for suffix, rows, _ in groups:
             stored = bank.read((layer,) + suffix, "n")
@@ -177,7 +193,7 @@ class FeatureFusion(_BankPatch):
             return out
         bank = self.handle.bank
         layer = self.layer(extra_options)
-        groups = row_groups(out.shape[0], extra_options, bank)
+        groups = self.groups(out.shape[0], extra_options, bank)
         by_length: dict[int, list[tuple[list[int], torch.Tensor]]] = {}
         for suffix, rows, _ in groups:
             stored = bank.read((layer,) + suffix, "o")
