@@ -35,7 +35,7 @@ class FeatureBankNode(io.ComfyNode):
                                      "smaller follows fast motion better."),
                 io.Boolean.Input("reset", default=False,
                                  tooltip="Clear the bank when this prompt runs (leave on to start fresh every run)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Advanced: seed of the bank's own random split for dynamic merging."),
             ],
             outputs=[Bank.Output(display_name="bank", tooltip="Connect to the patch nodes and the StreamV2V sampler.")],
@@ -58,7 +58,8 @@ class FeatureBankNode(io.ComfyNode):
         bank = handle.bank
         if reset:
             bank.reset("reset requested by the FeatureBank node")
-        return io.NodeOutput(handle)
+        # The status line under the node (web/streamv2v_bank_status.js).
+        return io.NodeOutput(handle, ui={"streamv2v_bank": [bank.status()]})
 
 
 class ExtendedAttentionPatch(io.ComfyNode):

@@ -80,6 +80,22 @@ else
     log "packages installed"
 fi
 
+# ---------------------------------------------------------------- chromium (browser tests; best effort)
+# tests/test_ui_browser.py and tests/test_webcam_browser.py drive Debian's chromium; without it they skip.
+if [[ ! -x /usr/bin/chromium ]]; then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+        log "installing Debian's chromium for the browser tests (apt-get, about a minute)"
+        if { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+                chromium; } >/dev/null 2>&1; then
+            log "chromium installed"
+        else
+            log "chromium could not be installed: the browser tests will be skipped"
+        fi
+    else
+        log "no /usr/bin/chromium (as root: apt-get install chromium): the browser tests will be skipped"
+    fi
+fi
+
 # Tell callers (scripts/test.sh) where things are.
 echo "VENV=$VENV"
 echo "COMFYUI_PATH=$COMFY"

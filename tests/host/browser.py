@@ -1,0 +1,131 @@
+"""Headless Chromium driven over the DevTools protocol (aiohttp's websocket client, a ComfyUI dependency).
+
+    with Chromium(url, extra_args=[...]) as chrome:          # skip when CHROMIUM is missing
+        asyncio.run(drive(chrome))
+
+    async def drive(chrome):
+        async with chrome.page() as cdp:
+            await cdp.wait_for("!!window.app")
+            await cdp.js("1 + 1")
+            await cdp.screenshot(path)
+
+Needs Debian's chromium at /usr/bin/chromium (scripts/setup_host.sh installs it when run as root).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+from host.server import free_port
+
+CHROMIUM = "/usr/bin/chromium"
+SKIP_REASON = "needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)"
+
+
+def available() -> bool:
+    return os.path.exists(CHROMIUM)
+
+
+class Cdp:
+    """Minimal DevTools client: ``await cdp.call(method, **params)`` and ``await cdp.js(expression)``."""
+
+    def __init__(self, ws):
+        self.ws, self.next_id = ws, 0
+
+    async def call(self, method, **params):
+        self.next_id += 1
+        await self.ws.send_json({"id": self.next_id, "method": method, "params": params})
+        while True:
+            message = json.loads((await self.ws.receive(timeout=60)).data)
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    async def js(self, expression):
+        result = await self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"page error: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def wait_for(self, expression, timeout=90.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = await self.js(expression)
+            if value:
+                return value
+            await asyncio.sleep(0.5)
+        raise TimeoutError(f"timed out waiting for {expression}")
+
+    async def press_escape(self):
+        for kind in ("keyDown", "keyUp"):
+            await self.call("Input.dispatchKeyEvent", type=kind, key="Escape", code="Escape", windowsVirtualKeyCode=27)
+
+    async def close_dialogs(self):
+        """Close the start-up templates dialog and any other modal ComfyUI shows."""
+        await self.press_escape()
+        await self.js("(() => { document.querySelectorAll('.p-dialog-mask').forEach((e) => e.remove()); "
+                      "return true; })()")
+
+    async def screenshot(self, path):
+        shot = await self.call("Page.captureScreenshot", format="png")
+        data = base64.b64decode(shot["data"])
+        with open(path, "wb") as f:
+            f.write(data)
+        return len(data)
+
+
+class Chromium:
+    """A headless Chromium showing ``url``; ``page()`` connects a Cdp to its first tab."""
+
+    def __init__(self, url, extra_args=(), window=(1280, 900)):
+        self.url, self.extra_args, self.window = url, list(extra_args), window
+        self.port, self.proc, self.profile = free_port(), None, None
+
+    def __enter__(self):
+        self.profile = tempfile.mkdtemp(prefix="streamv2v_chromium_")
+        self.proc = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={self.profile}", f"--remote-debugging-port={self.port}", "--remote-allow-origins=*",
+             f"--window-size={self.window[0]},{self.window[1]}", *self.extra_args, self.url],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=20)
+        shutil.rmtree(self.profile, ignore_errors=True)
+        return False
+
+    def page_ws_url(self, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json/list", timeout=5) as response:
+                    pages = [t for t in json.loads(response.read()) if t.get("type") == "page"]
+                if pages:
+                    return pages[0]["webSocketDebuggerUrl"]
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("chromium did not open its DevTools port")
+
+    @contextlib.asynccontextmanager
+    async def page(self):
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http, http.ws_connect(self.page_ws_url(), max_msg_size=0) as ws:
+            yield Cdp(ws)

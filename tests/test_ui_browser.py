@@ -1,0 +1,132 @@
+"""The ComfyUI page with the pack in headless Chromium: every example workflow opens with no missing node types,
+the frontend turns it into the same prompt as the tests' converter, and the FeatureBank status line shows the
+bank after a run. Saves a screenshot per workflow to tmp_path.
+
+STREAMV2V_UPDATE_SCREENSHOTS=1 also writes docs/screenshots/<workflow>.png and docs/nodes.png (the
+video-to-video graph, for the README). Needs Debian's chromium (/usr/bin/chromium); skipped without it.
+"""
+import asyncio
+import json
+import os
+import pathlib
+import shutil
+
+import pytest
+
+from host.browser import SKIP_REASON, Chromium, available
+from host.workflows import TINY_SWAPS, to_api
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+UPDATE = bool(os.environ.get("STREAMV2V_UPDATE_SCREENSHOTS"))
+WINDOW = (1920, 1080)
+
+FIT_VIEW = """((margin) => {
+    const c = app.canvas, items = [...app.graph._nodes.map((n) => [n.pos[0], n.pos[1] - 30, n.size[0], n.size[1] + 30]),
+                                   ...(app.graph._groups || []).map((g) => g._bounding || g.bounding)];
+    const x0 = Math.min(...items.map((b) => b[0])), y0 = Math.min(...items.map((b) => b[1]));
+    const x1 = Math.max(...items.map((b) => b[0] + b[2])), y1 = Math.max(...items.map((b) => b[1] + b[3]));
+    const w = c.canvas.clientWidth, h = c.canvas.clientHeight, top = 80, left = 60;
+    const s = Math.min((w - left - margin) / (x1 - x0), (h - top - margin) / (y1 - y0), 1.0);
+    c.ds.scale = s;
+    c.ds.offset = [left / s - x0, top / s - y0];
+    app.graph.setDirtyCanvas(true, true);
+    return s; })(30)"""
+
+MISSING = """(() => app.graph._nodes
+    .filter((n) => !LiteGraph.registered_node_types[n.type] || n.has_errors)
+    .map((n) => `${n.id}:${n.type}`))()"""
+
+TIDY_PAGE = """(async () => {
+    const span = [...document.querySelectorAll('span')].find((e) => e.textContent.startsWith('Introducing Nodes'));
+    let banner = span?.parentElement;
+    while (banner && banner.querySelectorAll('button').length < 2) banner = banner.parentElement;
+    banner?.querySelectorAll('button')[banner.querySelectorAll('button').length - 1]?.click();
+    const settings = app.ui.settings;
+    const set = (settings.setSettingValueAsync ?? settings.setSettingValue).bind(settings);
+    await set('Comfy.Minimap.Visible', false);
+    await set('LiteGraph.Canvas.MinFontSizeForLOD', 0);  // draw text at any zoom (legible screenshots)
+    return true; })()"""
+
+WIDGETS = "app.graph.serialize().nodes.map((n) => [n.id, n.type, n.widgets_values ?? null])"
+
+CLIENT_ID = "(window.comfyAPI?.api?.api ?? app.api)?.clientId ?? sessionStorage.getItem('clientId')"
+
+
+@pytest.mark.skipif(not available(), reason=SKIP_REASON)
+def test_workflows_open_in_the_browser(comfy_server, tmp_path):
+    info = comfy_server.object_info()
+    with Chromium(comfy_server.url, window=WINDOW) as chrome:
+        shots = asyncio.run(_drive(comfy_server, chrome, info, tmp_path))
+    assert sorted(shots) == sorted(p.stem for p in WORKFLOWS)
+    for name, path in shots.items():
+        assert path.stat().st_size > 20_000, name
+        if UPDATE:
+            (REPO / "docs" / "screenshots").mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, REPO / "docs" / "screenshots" / f"{name}.png")
+            if name == "streamv2v_video_file":
+                shutil.copy(path, REPO / "docs" / "nodes.png")
+    print("screenshots:", ", ".join(str(p) for p in shots.values()))
+
+
+async def _drive(server, chrome, info, tmp_path):
+    shots = {}
+    async with chrome.page() as cdp:
+        await cdp.wait_for("!!(window.app && app.graph && window.LiteGraph && "
+                           "LiteGraph.registered_node_types['FeatureBank'])", timeout=120)
+        await cdp.wait_for("app.extensions.some((e) => e.name === 'StreamV2V.BankStatus')", timeout=30)
+        names = await cdp.js("app.extensions.map((e) => e.name).filter((n) => n.startsWith('StreamV2V'))")
+        assert {"StreamV2V.BankStatus", "StreamV2V.Webcam"} <= set(names)
+        await cdp.close_dialogs()
+        await cdp.js(TIDY_PAGE)
+        for path in WORKFLOWS:
+            workflow = json.loads(path.read_text())
+            await cdp.js(f"app.loadGraphData({json.dumps(workflow)}, true, true, {json.dumps(path.stem)})"
+                         ".then(() => true)")
+            await asyncio.sleep(1.0)
+            await cdp.close_dialogs()  # a missing-models warning: the test server has no model files
+            assert await cdp.js("app.graph._nodes.length") == len(workflow["nodes"]), path.name
+            assert await cdp.js(MISSING) == [], f"{path.name}: missing node types"
+
+            # Every widget value lands in the widget it is meant for: the frontend keeps them all, adds none.
+            # (DOM widgets such as the webcam panel may add a trailing "" of their own.)
+            saved = {n["id"]: n.get("widgets_values") for n in workflow["nodes"]}
+            for node_id, kind, values in await cdp.js(WIDGETS):
+                want = saved[node_id]
+                if want is None or values is None:
+                    assert want == values, f"{path.name}: node {node_id} ({kind})"
+                    continue
+                assert values[:len(want)] == want and set(values[len(want):]) <= {""}, \
+                    f"{path.name}: node {node_id} ({kind}) widgets {values} != {want}"
+
+            # The frontend's own prompt for this graph equals the converter's (widget order, links, notes).
+            frontend = (await cdp.js("app.graphToPrompt().then((p) => p.output)"))
+            ours = to_api(workflow, info)
+            assert {k: (v["class_type"], v["inputs"]) for k, v in frontend.items()} == \
+                   {k: (v["class_type"], v["inputs"]) for k, v in ours.items()}, path.name
+
+            if path.stem == "streamv2v_continuous_txt2img":
+                await _bank_status_line(server, cdp, workflow, info)
+            await cdp.js(FIT_VIEW)
+            await asyncio.sleep(1.0)
+            shots[path.stem] = tmp_path / f"{path.stem}.png"
+            await cdp.screenshot(shots[path.stem])
+    return shots
+
+
+async def _bank_status_line(server, cdp, workflow, info):
+    """Run the workflow (tiny models) for this page's client: the status line appears and follows the bank."""
+    prompt = to_api(workflow, info, TINY_SWAPS, {"EmptyLatentImage": {"width": 64, "height": 64}})
+    (bank_id,) = [n for n, e in prompt.items() if e["class_type"] == "FeatureBank"]
+    prompt[bank_id]["inputs"]["name"] = "browser_status"
+    await cdp.js(f"(() => {{ const n = app.graph.getNodeById({bank_id}); "
+                 "n.widgets.find((w) => w.name === 'name').value = 'browser_status'; return true; })()")
+    client_id = await cdp.js(CLIENT_ID)
+    assert client_id
+    prompt_id = server.queue_prompt(prompt, client_id=client_id)
+    await asyncio.to_thread(server.wait, prompt_id, 120)
+    # executed (status before sampling: 0 frames), then the refresh after the prompt (1 frame).
+    text = await cdp.wait_for(f"(() => {{ const n = app.graph.getNodeById({bank_id}); "
+                              "return n.streamv2vBankStatus?.frames_seen >= 1 && n.streamv2vBankText; })()",
+                              timeout=30)
+    assert text.startswith("1 frame seen · ") and " MiB held · last reset: " in text, text

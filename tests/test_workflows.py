@@ -1,0 +1,164 @@
+"""Every example workflow in workflows/ runs in the real ComfyUI server and produces its outputs.
+
+Each UI-format file is converted to an API prompt (tests/host/workflows.py) with the model loaders
+(CheckpointLoaderSimple, LoraLoaderModelOnly, VAELoader) swapped for the tests' tiny random-weight
+models, sizes cut to 64x64 and a short generated clip in the server's input folder standing in for the
+user's video. Everything else (ModelSamplingDiscrete, CLIPTextEncode, LoadVideo, the pack's nodes,
+CreateVideo/SaveVideo, SaveImage, ImageStitch, ...) runs as the user would run it.
+"""
+import json
+import pathlib
+import time
+import urllib.request
+
+import av
+import numpy as np
+import pytest
+
+from host.workflows import TINY_SWAPS, output_nodes, to_api
+
+WORKFLOWS = sorted((pathlib.Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
+CLIP, FRAMES, SIZE, FPS = "streamv2v_workflow_test.mp4", 6, 64, 6
+OVERRIDES = {
+    "LoadVideo": {"file": CLIP},
+    "StreamV2VLoop": {"path": CLIP, "width": SIZE, "height": SIZE, "max_frames": FRAMES},
+    "ImageScale": {"width": SIZE, "height": SIZE},
+    "EmptyLatentImage": {"width": SIZE, "height": SIZE},
+}
+
+
+def make_clip(path, frames=FRAMES, size=80, fps=FPS):
+    """An H.264 MP4 with a moving bar and an AAC tone (the workflows pass the audio through)."""
+    rate = 16000
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = size, size, "yuv420p"
+        audio = out.add_stream("aac", rate=rate)
+        audio.layout = "mono"
+        sample = 0
+        for i in range(frames):
+            img = np.full((size, size, 3), 60, np.uint8)
+            img[:, (i * 7) % size: (i * 7) % size + 6] = 220
+            img[..., 2] = 40 + 20 * i
+            out.mux(video.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+            n = rate // fps
+            wave = 0.3 * np.sin(2 * np.pi * 440 * np.arange(sample, sample + n) / rate)
+            chunk = av.AudioFrame.from_ndarray(wave.astype(np.float32)[None], format="fltp", layout="mono")
+            chunk.sample_rate, chunk.pts = rate, sample
+            sample += n
+            out.mux(audio.encode(chunk))
+        out.mux(video.encode(None))
+        out.mux(audio.encode(None))
+
+
+def video_frames(path):
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return len(frames), frames[0].shape
+
+
+@pytest.fixture(scope="module")
+def server(comfy_server):
+    make_clip(comfy_server.input_dir / CLIP)
+    comfy_server.info = comfy_server.object_info()
+    return comfy_server
+
+
+def convert(server, path, **extra):
+    return to_api(json.loads(path.read_text()), server.info, TINY_SWAPS, {**OVERRIDES, **extra})
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def post(url, data=b""):
+    with urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST"), timeout=10) as response:
+        return json.loads(response.read() or b"null")
+
+
+def run_live_webcam(server, prompt):
+    """Queue a browser-webcam loop, post frames like the web extension does, press Stop, wait for the MP4."""
+    import cv2
+
+    (loop,) = [e for e in prompt.values() if e["class_type"] == "StreamV2VLoop"]
+    session = loop["inputs"]["session"]
+    base = f"{server.url}/streamv2v"
+    prompt_id = server.queue_prompt(prompt)
+    frame = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (96, 128, 3), np.uint8))[1].tobytes()
+    deadline, done = time.monotonic() + 120, 0
+    while time.monotonic() < deadline and done < 3:
+        if get_json(f"{base}/loop/{session}/status")["running"]:
+            post(f"{base}/webcam/{session}/frame", frame)
+        time.sleep(0.1)
+        done = get_json(f"{base}/loop/{session}/status")["frames_out"]
+    assert done >= 3, server.log_tail()
+    post(f"{base}/loop/{session}/stop")
+    return server.wait(prompt_id, timeout=120)
+
+
+def check_outputs(server, prompt, entry):
+    outputs = entry.get("outputs") or {}
+    for node_id in output_nodes(prompt, server.info):
+        assert node_id in outputs, f"output node {node_id} ({prompt[node_id]['class_type']}) gave nothing"
+    files = server.output_files(entry)
+    for f in files:
+        assert f.is_file() and f.stat().st_size > 0, f
+    return files
+
+
+def banks(server):
+    return {b["name"]: b for b in get_json(f"{server.url}/streamv2v/banks")["banks"]}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_runs(server, path):
+    prompt = convert(server, path)
+    classes = {e["class_type"] for e in prompt.values()}
+    assert {"CheckpointLoaderSimple", "LoraLoaderModelOnly", "VAELoader"}.isdisjoint(classes)
+    started = time.monotonic()
+    live = any(e["class_type"] == "StreamV2VLoop" and e["inputs"]["source"] == "browser webcam"
+               for e in prompt.values())
+    entry = run_live_webcam(server, prompt) if live else server.run(prompt, timeout=300)
+    files = check_outputs(server, prompt, entry)
+    videos = [f for f in files if f.suffix == ".mp4"]
+    images = [f for f in files if f.suffix == ".png"]
+    print(f"{path.name}: {time.monotonic() - started:.1f} s, outputs {[f.name for f in files]}")
+
+    bank_nodes = [nid for nid, e in prompt.items() if e["class_type"] == "FeatureBank"]
+    for nid in bank_nodes:  # the status line's data
+        (status,) = entry["outputs"][nid]["streamv2v_bank"]
+        assert status["name"] == prompt[nid]["inputs"]["name"] and "last_reset" in status
+
+    if "SaveVideo" in classes:
+        (video,) = videos
+        count, shape = video_frames(video)
+        assert count == FRAMES
+        stitched = "ImageStitch" in classes
+        assert shape == (SIZE, 2 * SIZE + 8 if stitched else SIZE, 3)
+    elif "StreamV2VLoop" in classes:
+        (video,) = videos
+        count, shape = video_frames(video)
+        assert shape == (SIZE, SIZE, 3) and (count >= 3 if live else count == FRAMES)
+    if "SaveImage" in classes:
+        assert images
+    name = next(prompt[n]["inputs"]["name"] for n in bank_nodes)
+    assert banks(server)[name]["frames_seen"] > 0
+
+
+def test_continuous_txt2img_keeps_its_bank_across_queued_runs(server):
+    """Auto Queue: every run is one frame; the bank (reset off) keeps counting across prompts."""
+    (path,) = [p for p in WORKFLOWS if p.stem == "streamv2v_continuous_txt2img"]
+    prompt = convert(server, path)
+    (bank_id,) = [n for n, e in prompt.items() if e["class_type"] == "FeatureBank"]
+    (text_id,) = [n for n, e in prompt.items() if e["class_type"] == "CLIPTextEncode"
+                  and "cabin" in e["inputs"]["text"]]
+    name = prompt[bank_id]["inputs"]["name"]
+    before = banks(server).get(name, {}).get("frames_seen", 0)
+    for i, edit in enumerate([" at night", " in spring"]):  # the user edits the prompt between runs
+        prompt[text_id]["inputs"]["text"] += edit
+        entry = server.run(prompt, timeout=120)
+        assert server.output_files(entry)
+        assert banks(server)[name]["frames_seen"] == before + i + 1
+    assert prompt[bank_id]["inputs"]["reset"] is False
