@@ -20,8 +20,10 @@ import time
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-import conftest  # noqa: E402  ComfyUI on the CPU and the pack as `streamv2v`
+sys.path.insert(0, str(REPO / "bench"))
+from _host import setup_host  # noqa: E402
+
+setup_host("cpu")  # ComfyUI on the CPU and the pack as `streamv2v`
 
 import av  # noqa: E402
 import torch  # noqa: E402
