@@ -192,6 +192,15 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def write_report(text: str, out: str | None) -> None:
+    """Print the report and, with ``--out``, save it (bench/results/ is quoted by the README)."""
+    print(text)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text)
+
+
 def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0], os.getcwd())] + sys.argv[1:])
 
@@ -420,11 +429,7 @@ def main() -> None:
     notes.append(f"Total run time: {time.perf_counter() - started:.0f} s.")
     text = "\n".join([f"### Bank overhead ({args.device}, {args.size}x{args.size})", "",
                       table(header, rows), "", verdict, "", *[f"- {n}" for n in notes]]) + "\n"
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
+    write_report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ the end, and their ratio. Needs the test host (scripts/setup_host.sh).
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import resource
 import sys

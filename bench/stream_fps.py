@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import platform
 import time
 
 from bank_overhead import (build_unet, command_line, conditioning, device_name, mib, moving_texture, parse_common,
-                           patched, rss_peak, rss_reset, run_frames, setup, sync, table)
+                           patched, rss_peak, rss_reset, run_frames, setup, sync, table, write_report)
 
 STREAM = (("stream batch", True), ("sequential", False))
 BANK = ("off", "DyMe(1)")
@@ -120,11 +119,7 @@ def main() -> None:
     ]
     text = "\n".join([f"### Stream throughput ({device_name(args.device).split(',')[0]}, {args.size}x{args.size}, "
                       f"{args.frames} frames)", "", table(header, rows), "", *[f"- {n}" for n in notes]]) + "\n"
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
+    write_report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from streamv2v.streamv2v_core.video_io import Mp4Writer, VideoFileSource  # noqa
 def make_clip(path: pathlib.Path, frames: int, size: int, fps: int = 12) -> None:
     """A smooth random texture panning 2 px per frame."""
     g = torch.Generator().manual_seed(0)
-    canvas = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 12 + frames), scale_factor=size / 12,
+    canvas = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 12 + frames, generator=g), scale_factor=size / 12,
                                              mode="bicubic", align_corners=False)[0].clamp(0, 1).permute(1, 2, 0)
     writer = Mp4Writer(str(path), size, size, fps)
     try:

@@ -19,6 +19,7 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 from host import tiny_models
+from host.prompts import webcam_loop_prompt
 from streamv2v.nodes import loop_nodes
 from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch
 from streamv2v.nodes.loop_nodes import CURSORS, StreamV2VLoop, StreamV2VNextFrame
@@ -220,16 +221,7 @@ def test_server_browser_source_end_to_end(comfy_server):
                 assert value[1].get("tooltip"), f"{node}.{name} has no tooltip"
     import cv2
     session = "srv_test"
-    prompt = {
-        "1": {"class_type": "TinyCheckpointLoader", "inputs": {"kind": "sd15", "seed": 0, "vae": "taesd"}},
-        "2": {"class_type": "TinyConditioning", "inputs": {"kind": "sd15", "seed": 0}},
-        "3": {"class_type": "StreamV2VLoop", "inputs": {
-            "model": ["1", 0], "positive": ["2", 0], "negative": ["2", 0], "vae": ["1", 2],
-            "source": "browser webcam", "path": "", "skip_first": 0, "every_nth": 1, "width": 64, "height": 64,
-            "resize_mode": "crop", "max_frames": 0, "camera_index": 0, "session": session, "fps": 0.0,
-            "filename_prefix": "webcam/run", "seed": 0, "steps": 2, "strength": 0.5, "cfg": 1.0,
-            "stream_batch": True, "fixed_noise": True}},
-    }
+    prompt = webcam_loop_prompt(session, "webcam/run")
     prompt_id = comfy_server.queue_prompt(prompt)
     base = f"{comfy_server.url}/streamv2v"
     frame = cv2.imencode(".jpg", np.full((120, 160, 3), 128, np.uint8))[1].tobytes()

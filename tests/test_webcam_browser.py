@@ -9,21 +9,10 @@ import asyncio
 import pytest
 
 from host.browser import SKIP_REASON, Chromium, available
+from host.prompts import webcam_loop_prompt
 
 SESSION = "browser_test"
 
-
-def loop_prompt():
-    return {
-        "1": {"class_type": "TinyCheckpointLoader", "inputs": {"kind": "sd15", "seed": 0, "vae": "taesd"}},
-        "2": {"class_type": "TinyConditioning", "inputs": {"kind": "sd15", "seed": 0}},
-        "3": {"class_type": "StreamV2VLoop", "inputs": {
-            "model": ["1", 0], "positive": ["2", 0], "negative": ["2", 0], "vae": ["1", 2],
-            "source": "browser webcam", "path": "", "skip_first": 0, "every_nth": 1, "width": 64, "height": 64,
-            "resize_mode": "crop", "max_frames": 0, "camera_index": 0, "session": SESSION, "fps": 0.0,
-            "filename_prefix": "webcam/browser", "seed": 0, "steps": 2, "strength": 0.5, "cfg": 1.0,
-            "stream_batch": True, "fixed_noise": True}},
-    }
 
 
 @pytest.mark.skipif(not available(), reason=SKIP_REASON)
@@ -45,7 +34,7 @@ async def _drive(server, chrome, tmp_path):
             await node.streamv2vWebcam.start();
             app.graph.setDirtyCanvas(true, true);
             return true; }})()""")
-        prompt_id = server.queue_prompt(loop_prompt())
+        prompt_id = server.queue_prompt(webcam_loop_prompt(SESSION, "webcam/browser"))
         frames = await cdp.wait_for("Number(window.streamv2vTestNode.streamv2vWebcam.output.dataset.frames || 0)"
                                     " >= 3 && window.streamv2vTestNode.streamv2vWebcam.output.dataset.frames",
                                     timeout=180)
