@@ -30,7 +30,8 @@ class FrameCounter:
     """OUTER_SAMPLE wrapper: one sampling run of a plain sampler is one frame.
 
     Before the run the bank is cleared if the latent size, batch or model changed;
-    after it the frame count advances (which decides the next bank update). Runs
+    after it (finished or cancelled) the frame count advances, which decides the next
+    bank update. Runs
     driven by the stream sampler number their frames themselves and are not counted.
     """
 
@@ -44,9 +45,10 @@ class FrameCounter:
             return executor(noise, latent_image, *args, **kwargs)
         bank = self.handle.bank
         bank.check_signature(model_signature(guider.model_patcher, latent_image))
-        out = executor(noise, latent_image, *args, **kwargs)
-        bank.end_frame()
-        return out
+        try:
+            return executor(noise, latent_image, *args, **kwargs)
+        finally:
+            bank.end_frame()  # a cancelled run counts too: the steps it reached are in the bank
 
 
 def model_signature(model_patcher, latent) -> dict:

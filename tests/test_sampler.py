@@ -156,3 +156,27 @@ def test_stream_denoise_schedule_is_pure_reordering():
     assert [i for i, _ in out] == [0, 1, 2, 3, 4]
     assert calls[:4] == [[0], [1, 0], [2, 1, 0], [3, 2, 1, 0]] and len(calls) == 5 + 3
     assert all(torch.equal(x, latents[i] / 16) for i, x in out)
+
+
+def test_after_core_lora_and_lcm_model_sampling_nodes(parts):
+    """The sampler runs a bank-patched model that ComfyUI's own LoRA loader and ModelSamplingDiscrete changed."""
+    import comfy.sd
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    model, vae, pos, neg = parts
+    g = torch.Generator().manual_seed(3)
+    lora = {}
+    for name, weight in model.model.diffusion_model.named_parameters():
+        if name.endswith("attn1.to_q.weight"):
+            key = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
+            lora[f"{key}.lora_up.weight"] = torch.randn(weight.shape[0], 4, generator=g)
+            lora[f"{key}.lora_down.weight"] = torch.randn(4, weight.shape[1], generator=g)
+    lora_model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    assert lora_model.patches, "the LoRA applied to no weight"
+    lcm_model = ModelSamplingDiscrete().patch(lora_model, "lcm", False)[0]
+    bank_model, handle = patched((lcm_model, vae, pos, neg), "lora")
+    frames = moving_frames(4)
+    out = run(parts, frames, model=bank_model)
+    assert out.shape == frames.shape and torch.isfinite(out).all()
+    assert handle.bank.frames_seen == 4
+    assert not torch.allclose(out, run(parts, frames), atol=1e-3)
