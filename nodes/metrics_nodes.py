@@ -17,7 +17,7 @@ import math
 import torch
 from comfy_api.latest import io, ui
 
-from ..streamv2v_core.metrics import clip_frame_consistency, mawe, plot_per_frame, scene_cuts, warp_error
+from ..streamv2v_core.metrics import clip_frame_consistency, mawe, plot_per_frame, scene_cuts
 
 CATEGORY = "StreamV2V"
 CLIP_BATCH = 16  # frames per CLIP vision call
@@ -106,8 +106,8 @@ class StreamV2VMetrics(io.ComfyNode):
     def execute(cls, images, source_images=None, clip_vision=None, flow_size=0) -> io.NodeOutput:
         check_videos(images, source_images)
         size = (int(flow_size), int(flow_size)) if flow_size else None
-        warp = warp_error(images, source_images, size=size)
-        motion = mawe(images, source_images, size=size)
+        motion = mawe(images, source_images, size=size)  # its warp error's flows serve both numbers
+        warp = motion.warp
         cuts = int(scene_cuts(images))
         clip_score = float("nan")
         if clip_vision is not None:

@@ -110,12 +110,15 @@ class MaweResult:
         warp_error: ``W(V)``, mean warp error on the 0..255 scale (see :func:`warp_error`).
         flow_score: ``OFS(V)``, mean squared flow magnitude in px^2 (see :func:`flow_score`).
         c: the scale constant used (1.0 = the published definition).
+        warp: the full :class:`WarpErrorResult` behind ``warp_error`` (per-pair values), so a
+            caller that wants both does not compute the flows twice.
     """
 
     mawe: float
     warp_error: float
     flow_score: float
     c: float = 1.0
+    warp: Optional["WarpErrorResult"] = None
 
     def __float__(self) -> float:
         return float(self.mawe)
@@ -332,7 +335,8 @@ def mawe(output_frames: Any, source_frames: Any = None, c: float = 1.0,
         raise ValueError(f"c must be a positive finite number, got {c!r}")
     out, src, flow_from = _prepare(output_frames, source_frames, size)
     flows = _flows_of(src, backward=True)
-    w = _warp_error_from_flows(out, flows, flow_from).mean
+    warp = _warp_error_from_flows(out, flows, flow_from)
+    w = warp.mean
     ofs = _ofs_from_flows(flows)
     if not np.isfinite(w):
         value = float("nan")
@@ -340,4 +344,4 @@ def mawe(output_frames: Any, source_frames: Any = None, c: float = 1.0,
         value = float("inf")
     else:
         value = w / (c * ofs)
-    return MaweResult(mawe=float(value), warp_error=float(w), flow_score=float(ofs), c=float(c))
+    return MaweResult(mawe=float(value), warp_error=float(w), flow_score=float(ofs), c=float(c), warp=warp)
