@@ -180,3 +180,37 @@ def test_after_core_lora_and_lcm_model_sampling_nodes(parts):
     assert out.shape == frames.shape and torch.isfinite(out).all()
     assert handle.bank.frames_seen == 4
     assert not torch.allclose(out, run(parts, frames), atol=1e-3)
+
+
+def tiny_controlnet(model, seed=5):
+    """A ComfyUI ControlNet with the tiny UNet's encoder layout and random weights (pixel hint, no VAE)."""
+    import inspect
+
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    accepted = inspect.signature(comfy.cldm.cldm.ControlNet.__init__).parameters
+    config = {k: v for k, v in model.model.model_config.unet_config.items() if k in accepted and k != "out_channels"}
+    config.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu")
+    net = tiny_models.init_params_(comfy.cldm.cldm.ControlNet(**config), seed)
+    return comfy.controlnet.ControlNet(net, load_device=torch.device("cpu"))
+
+
+def test_after_core_controlnet_apply(parts):
+    """Core ControlNetApplyAdvanced on the conditioning: it steers every frame, stream batch or not."""
+    from nodes import ControlNetApplyAdvanced
+
+    model, vae, pos, neg = parts
+    hint = moving_frames(1, seed=7)
+    c_pos, c_neg = ControlNetApplyAdvanced().apply_controlnet(pos, neg, tiny_controlnet(model), hint, 1.0, 0.0, 1.0)
+    bank_model, _ = patched(parts, "controlnet")
+    frames = moving_frames(4)
+    stream = StreamV2VSampler.execute(bank_model, c_pos, c_neg, vae, frames, seed=1, stream_batch=True).args[0]
+    BANKS.get("controlnet").reset()
+    sequential = StreamV2VSampler.execute(bank_model, c_pos, c_neg, vae, frames, seed=1, stream_batch=False).args[0]
+    assert torch.isfinite(stream).all()
+    torch.testing.assert_close(stream, sequential, rtol=0, atol=1e-4)
+    BANKS.get("controlnet").reset()
+    plain = StreamV2VSampler.execute(bank_model, pos, neg, vae, frames, seed=1).args[0]
+    assert not torch.allclose(stream, plain, atol=1e-3), "the ControlNet changed nothing"
