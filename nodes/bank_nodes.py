@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..streamv2v_core.bank import BANKS, MODES, BankConfig, BankHandle
+from ..streamv2v_core.bank import MODES, BankConfig, BankHandle
 from ..streamv2v_core.patches import ALL, BLOCK_CHOICES, LOW_RES_DECODER, ExtendedAttention, FeatureFusion
 from .model_patching import patched_clone
 
@@ -117,5 +117,3 @@ class FeatureFusionPatch(io.ComfyNode):
 
 
 NODES = [FeatureBankNode, ExtendedAttentionPatch, FeatureFusionPatch]
-
-__all__ = ["BANKS", "NODES", "Bank"]

@@ -7,6 +7,7 @@ model call carries the frame offset of each row so the bank keys each frame apar
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ def run_stream(model, positive, negative, vae, frames: Iterable[torch.Tensor], s
         sources: list[list[int]] = []  # processed frame -> input indices it answers (skipped ones reuse it)
 
         def latents() -> Iterator[torch.Tensor]:
-            for index, image in enumerate(_chain(first, source)):
+            for index, image in enumerate(itertools.chain([first], source)):
                 if tuple(image.shape[:2]) != (height, width):
                     raise ValueError(f"frame {index} is {image.shape[1]}x{image.shape[0]}, the stream started at "
                                      f"{width}x{height}: all frames must have one size")
@@ -161,8 +162,3 @@ def run_stream(model, positive, negative, vae, frames: Iterable[torch.Tensor], s
         for bank in banks:
             bank.end_frame(counters["entered"])
     return counters["out"]
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
