@@ -17,7 +17,7 @@ from host.browser import SKIP_REASON, Chromium, available
 from host.workflows import TINY_SWAPS, to_api
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 UPDATE = bool(os.environ.get("STREAMV2V_UPDATE_SCREENSHOTS"))
 WINDOW = (1920, 1080)
 
