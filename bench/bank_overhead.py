@@ -14,7 +14,7 @@ Method
   every run holds the same number of bank updates), all variants in this one process,
   interleaved; the order is rotated every round. Ratios are to "no bank" of the same run.
 * Where the bank's time goes: time inside the EA and FF patches (and, within them, in
-  ``FeatureBank.write``: appending, evicting, DyMe merging) is summed per variant. The rest
+  ``FeatureBank.commit``: appending, evicting, DyMe merging) is summed per variant. The rest
   of the overhead is ComfyUI's attention over the longer key/value sequence. On CUDA this
   needs synchronisation, so it is only collected with ``--breakdown``.
 * Peak memory, CUDA: ``torch.cuda.max_memory_allocated`` during each variant's timed run
@@ -137,7 +137,8 @@ def patched(model, name: str, mode: str, size: int, interval: int = INTERVAL):
     """(model with EA on all blocks + FF defaults, bank handle) for a fresh bank called ``name``."""
     from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch
 
-    handle = FeatureBankNode.execute(name=name, mode=mode, size=size, interval=interval, reset=True, seed=0).args[0]
+    handle = FeatureBankNode.execute(name=name, mode=mode, size=size, interval=interval, seed=0).args[0]
+    handle.bank.reset("benchmark: a new variant")
     model = ExtendedAttentionPatch.execute(model, handle, blocks="all").args[0]
     model = FeatureFusionPatch.execute(model, handle).args[0]
     return model, handle
@@ -220,7 +221,7 @@ class Breakdown:
         from streamv2v.streamv2v_core.patches import ExtendedAttention, FeatureFusion
 
         for cls, attr, part in ((ExtendedAttention, "__call__", "ea"), (FeatureFusion, "__call__", "ff"),
-                                (FeatureBank, "write", "write")):
+                                (FeatureBank, "commit", "write")):
             setattr(cls, attr, self._timed(getattr(cls, attr), part))
 
     def _timed(self, fn, part):

@@ -75,7 +75,7 @@ def main() -> None:
     folder_paths.set_output_directory(str(work / "output"))
     make_clip(work / "input" / "clip.mp4", args.frames)
 
-    handle = FeatureBankNode.execute("bench_loop", "dyme", 1, 4, True, 0).args[0]
+    handle = FeatureBankNode.execute("bench_loop", "dyme", 1, 4, 0).args[0]
     model = tiny_models.tiny_sd15_model(0, out_scale=0.1)
     model = ExtendedAttentionPatch.execute(model, handle, "all").args[0]
     model = FeatureFusionPatch.execute(model, handle, 0.75, 0.9, "low-res decoder").args[0]

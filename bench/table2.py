@@ -175,8 +175,7 @@ def patched_model(model, label, mode, size, seed):
 
     if mode is None:
         return model, None
-    handle = FeatureBankNode.execute(name=f"table2 {label}", mode=mode, size=size, interval=4, reset=True,
-                                     seed=seed).args[0]
+    handle = FeatureBankNode.execute(name=f"table2 {label}", mode=mode, size=size, interval=4, seed=seed).args[0]
     handle.bank.reset("table2: new row")
     model = ExtendedAttentionPatch.execute(model, handle, "all").args[0]
     model = FeatureFusionPatch.execute(model, handle, 0.75, 0.9, "low-res decoder").args[0]

@@ -20,7 +20,11 @@ class FeatureBankNode(io.ComfyNode):
             display_name="StreamV2V Feature Bank",
             category=CATEGORY,
             description="A named bank of past frames' features. It lives beyond one run: every prompt that "
-                        "uses the same name shares it, so frames queued one by one still see their past.",
+                        "uses the same name shares it, so frames queued one by one still see their past. The "
+                        "node that runs the frames decides when a stream starts (StreamV2V Sampler / Loop: "
+                        "bank_start); a plain KSampler continues the bank. It is cleared, with the reason in "
+                        "its status line, when the model, LoRA, size, steps, strength or cfg change, and by the "
+                        "Clear button under this node.",
             inputs=[
                 io.String.Input("name", default="default",
                                 tooltip="Banks with the same name are the same bank, across prompts and workflows."),
@@ -33,8 +37,6 @@ class FeatureBankNode(io.ComfyNode):
                 io.Int.Input("interval", default=4, min=1, max=1000,
                              tooltip="Update the bank every this many frames. Larger holds the look longer; "
                                      "smaller follows fast motion better."),
-                io.Boolean.Input("reset", default=False,
-                                 tooltip="Clear the bank when this prompt runs (leave on to start fresh every run)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Advanced: seed of the bank's own random split for dynamic merging."),
             ],
@@ -42,24 +44,18 @@ class FeatureBankNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name, **kwargs):
+    def validate_inputs(cls, name):
+        # Only `name` is checked here; ComfyUI keeps checking the other inputs' ranges.
         if not str(name).strip():
             return "FeatureBank: give the bank a name (any text); banks with the same name are shared."
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, reset=False, **kwargs):
-        # A reset must happen on every run it is asked for, so never reuse a cached result then.
-        return float("nan") if reset else ""
-
-    @classmethod
-    def execute(cls, name, mode, size, interval, reset, seed=0) -> io.NodeOutput:
+    def execute(cls, name, mode, size, interval, seed=0) -> io.NodeOutput:
         handle = BankHandle(str(name).strip(), BankConfig(mode=mode, size=size, interval=interval, seed=seed))
-        bank = handle.bank
-        if reset:
-            bank.reset("reset requested by the FeatureBank node")
-        # The status line under the node (web/streamv2v_bank_status.js).
-        return io.NodeOutput(handle, ui={"streamv2v_bank": [bank.status()]})
+        # The status line under the node (web/streamv2v_bank_status.js); a changed mode/size/interval
+        # clears the bank here, with the reason.
+        return io.NodeOutput(handle, ui={"streamv2v_bank": [handle.bank.status()]})
 
 
 class ExtendedAttentionPatch(io.ComfyNode):

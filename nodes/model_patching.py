@@ -1,18 +1,37 @@
-"""Putting bank patches on a ComfyUI ModelPatcher clone, and counting frames for KSampler."""
+"""Putting bank patches on a ComfyUI ModelPatcher clone; the wrappers that drive a bank per model call.
+
+Two wrappers are installed once per bank (keyed ``streamv2v.bank.NAME``; wrapper objects are
+shared between clones by every ComfyUI version, so they hold nothing but the bank handle):
+
+* ``BankCallWrapper`` (APPLY_MODEL) makes the ``BankCall`` of every UNet call before it runs
+  and writes the staged features into the bank after it. The rows' frames and steps come
+  from the stream engine (``PLAN_KEY``, plain ints); for a plain sampler they are read from
+  the call's sigmas (one small device-to-host read per call).
+* ``FrameCounter`` (OUTER_SAMPLE) makes one plain sampling run one frame: before the run it
+  clears the bank if what its features came from changed (with a readable reason), after
+  it (finished or cancelled) the frame count advances. Runs of the stream engine number
+  their frames themselves and pass through.
+"""
 from __future__ import annotations
+
+import torch
 
 import comfy.patcher_extension
 
-from ..streamv2v_core.bank import BankHandle
-from ..streamv2v_core.patches import STREAM_KEY
+from ..streamv2v_core.bank import BankHandle, FeatureBank
+from ..streamv2v_core.calls import CALLS_KEY, PLAN_KEY, BankCall, RowPlan
+from ..streamv2v_core.patches import STREAM_KEY, step_of
+
+RUN_BANKS_KEY = "streamv2v_banks"  # transformer_options: {bank name: FeatureBank} resolved once per run
+WRAPPER_KEY = "streamv2v.bank.{}"
 
 
 def patched_clone(model, patch_type: str, patch):
     """A clone of ``model`` with ``patch`` added under ``patch_type`` (e.g. "attn1_patch").
 
-    A patch of the same class for the same bank is replaced, so patching twice is
-    the same as patching once. The incoming model is left untouched. A frame counter
-    for plain samplers is installed once per bank.
+    A patch of the same class for the same bank is replaced, so patching twice is the same
+    as patching once. The incoming model is left untouched (clone() copies the option dicts
+    and lists on every ComfyUI version; the patch objects themselves are immutable).
     """
     clone = model.clone()
     options = clone.model_options.setdefault("transformer_options", {})
@@ -20,43 +39,114 @@ def patched_clone(model, patch_type: str, patch):
     kept = [p for p in patches.get(patch_type, [])
             if not (type(p) is type(patch) and p.handle.name == patch.handle.name)]
     patches[patch_type] = kept + [patch]
-    key = f"streamv2v.bank.{patch.handle.name}"
-    clone.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key)
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, FrameCounter(patch.handle))
+    key = WRAPPER_KEY.format(patch.handle.name)
+    for kind, wrapper in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, FrameCounter(patch.handle)),
+                          (comfy.patcher_extension.WrappersMP.APPLY_MODEL, BankCallWrapper(patch.handle))):
+        clone.remove_wrappers_with_key(kind, key)
+        clone.add_wrapper_with_key(kind, key, wrapper)
     return clone
 
 
-class FrameCounter:
-    """OUTER_SAMPLE wrapper: one sampling run of a plain sampler is one frame.
+def run_bank(transformer_options: dict, handle: BankHandle) -> FeatureBank:
+    """The bank object this run uses (resolved once per run by its driver), else the registry's."""
+    return (transformer_options.get(RUN_BANKS_KEY) or {}).get(handle.name) or handle.bank
 
-    Before the run the bank is cleared if the latent size, batch or model changed;
-    after it (finished or cancelled) the frame count advances, which decides the next
-    bank update. Runs
-    driven by the stream sampler number their frames themselves and are not counted.
-    """
+
+class BankCallWrapper:
+    """APPLY_MODEL wrapper: a fresh ``BankCall`` for each UNet call, flushed after it."""
 
     def __init__(self, handle: BankHandle):
         self.handle = handle
 
-    def __call__(self, executor, noise, latent_image, *args, **kwargs):
+    def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        bank = run_bank(transformer_options, self.handle)
+        plan = transformer_options.get(PLAN_KEY) or sampler_plan(bank, transformer_options, t, x.shape[0])
+        call = BankCall(bank, plan, transformer_options.get("cond_or_uncond"), x.shape[0])
+        calls = {**(transformer_options.get(CALLS_KEY) or {}), self.handle.name: call}
+        out = executor(x, t, c_concat, c_crossattn, control, {**transformer_options, CALLS_KEY: calls}, **kwargs)
+        call.flush()
+        return out
+
+
+def sampler_plan(bank: FeatureBank, transformer_options: dict, timestep, rows: int) -> RowPlan:
+    """The rows of a plain sampler's call: all one frame (``frames_seen``), steps from the sigmas.
+
+    Reads the call's sigmas and the run's schedule in one device-to-host copy (the stream
+    engine passes its plan instead and reads nothing).
+    """
+    flags = transformer_options.get("cond_or_uncond") or [0]
+    per_chunk = rows // max(1, len(flags))
+    sigmas = transformer_options.get("sigmas", timestep)
+    schedule = transformer_options.get("sample_sigmas")
+    values = (sigmas.flatten().tolist() if schedule is None else
+              torch.cat([sigmas.flatten().float(), schedule.flatten().float().to(sigmas.device)]).tolist())
+    row_sigmas, schedule_values = values[:sigmas.numel()], values[sigmas.numel():]
+    row_sigmas = (row_sigmas * per_chunk)[:per_chunk] if len(row_sigmas) < per_chunk else row_sigmas[:per_chunk]
+    steps = tuple(step_of(s, schedule_values) if schedule_values else 0 for s in row_sigmas)
+    total = max(1, len(schedule_values) - 1) if schedule_values else 1
+    return RowPlan((bank.frames_seen,) * per_chunk, steps, max(total, max(steps) + 1), tuple(range(per_chunk)))
+
+
+class FrameCounter:
+    """OUTER_SAMPLE wrapper: one run of a plain sampler is one frame of the bank. See module doc."""
+
+    def __init__(self, handle: BankHandle):
+        self.handle = handle
+
+    def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         guider = executor.class_obj
-        transformer_options = guider.model_options.get("transformer_options", {})
-        if transformer_options.get(STREAM_KEY):
-            return executor(noise, latent_image, *args, **kwargs)
+        options = guider.model_options.get("transformer_options", {})
+        if options.get(STREAM_KEY):
+            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         bank = self.handle.bank
-        bank.check_signature(model_signature(guider.model_patcher, latent_image))
+        bank.check_signature(sampler_signature(guider, latent_image, sigmas))
+        # This run's bank object, for the per-call wrapper (rebinds the run's own options copy).
+        banks = {**(options.get(RUN_BANKS_KEY) or {}), self.handle.name: bank}
+        guider.model_options = {**guider.model_options, "transformer_options": {**options, RUN_BANKS_KEY: banks}}
         try:
-            return executor(noise, latent_image, *args, **kwargs)
+            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:
             bank.end_frame()  # a cancelled run counts too: the steps it reached are in the bank
 
 
-def model_signature(model_patcher, latent) -> dict:
-    """What the bank's features depend on, for ``FeatureBank.check_signature``."""
-    shape = tuple(latent.shape)
+# --------------------------------------------------------------------------- signatures
+
+def model_parts(model_patcher) -> dict:
+    """Signature parts of the model itself: ``{name: (comparable, shown)}`` (shown None = not shown)."""
+    sources, strengths = set(), set()
+    for key, entries in model_patcher.patches.items():
+        for entry in entries:
+            strength, patch = entry[0], entry[1]
+            weights = getattr(patch, "weights", patch)
+            first = weights[0] if isinstance(weights, (tuple, list)) and weights else weights
+            sources.add((key, id(first)))
+            strengths.add(round(float(strength), 4))
+    shown = ", ".join(f"{s:g}" for s in sorted(strengths)) if strengths else "none"
     return {
-        "latent size": "x".join(str(s) for s in shape[2:]) + f" ({shape[1]} channels)",
-        "batch size": shape[0],
-        "model": f"{type(model_patcher.model).__name__}@{id(model_patcher.model):x}/{model_patcher.patches_uuid}",
-        "dtype": str(model_patcher.model_dtype()),
+        "model (checkpoint or model loader)": ((id(model_patcher.model), type(model_patcher.model).__name__), None),
+        "LoRA or weight patches": (frozenset(sources), f"{len(sources)} patched weights" if sources else "none"),
+        # Reported when it is the only LoRA change (a LoRA added or removed changes it too).
+        "LoRA strength": (shown, shown, "detail"),
+        "model dtype": (str(model_patcher.model_dtype()).replace("torch.", ""),
+                        str(model_patcher.model_dtype()).replace("torch.", "")),
     }
+
+
+def frame_size_part(latent_shape, downscale: int = 8) -> tuple:
+    """Signature part for the frame size, shown in pixels: ``("64x64x4", "512x512")``."""
+    h, w = latent_shape[-2], latent_shape[-1]
+    return ("x".join(str(s) for s in latent_shape[1:]), f"{w * downscale}x{h * downscale}")
+
+
+def sampler_signature(guider, latent_image, sigmas) -> dict:
+    """What a plain sampler run's features depend on (see ``FeatureBank.check_signature``)."""
+    schedule = [round(float(s), 4) for s in sigmas.flatten().tolist()]
+    parts = model_parts(guider.model_patcher)
+    parts.update({
+        "frame size": frame_size_part(latent_image.shape),
+        "batch size": (latent_image.shape[0], latent_image.shape[0]),
+        "steps": (len(schedule) - 1, len(schedule) - 1),
+        "noise schedule (denoise, scheduler or model sampling)": (tuple(schedule), None, "detail"),
+        "cfg": (float(guider.cfg), f"{float(guider.cfg):g}"),
+    })
+    return parts

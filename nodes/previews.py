@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 PREVIEW_SIZE = 512
+PREVIEW_INTERVAL_S = 0.25  # previews at most four times a second: each costs an encode
 
 
 def preview_of(image: torch.Tensor, max_size: int = PREVIEW_SIZE):

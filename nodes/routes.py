@@ -5,9 +5,7 @@ GET  /streamv2v/webcam/{session}/output  newest restyled frame as image/jpeg (20
                                          header X-StreamV2V-Frames: frames restyled so far
 POST /streamv2v/loop/{session}/stop      ask the loop of that session to finish (it keeps its MP4)
 GET  /streamv2v/loop/{session}/status    {"running", "stopped", "frames_in", "frames_out"}
-GET  /streamv2v/banks                    {"banks": [FeatureBank.status(), ...]}: the status line under
-                                         FeatureBank nodes is refreshed from it after every prompt,
-                                         since a cached FeatureBank node does not run again
+(The bank routes are in bank_routes.py.)
 
 Routes are added only when a ComfyUI server exists (``server.PromptServer.instance``), so
 importing the pack in-process (tests, scripts) registers nothing.
@@ -19,7 +17,6 @@ import sys
 
 from aiohttp import web
 
-from ..streamv2v_core.bank import BANKS
 from ..streamv2v_core.video_io import SESSIONS
 
 log = logging.getLogger("streamv2v")
@@ -58,11 +55,6 @@ async def get_status(request: web.Request) -> web.Response:
                               "frames_in": session.frames_in, "frames_out": session.frames_out})
 
 
-async def get_banks(request: web.Request) -> web.Response:
-    statuses = [BANKS.get(name).status() for name in BANKS.names()]
-    return web.json_response({"banks": statuses}, headers={"Cache-Control": "no-store"})
-
-
 def register_routes() -> bool:
     """Add the routes to the running ComfyUI server, once; False when there is no server."""
     global _registered
@@ -75,6 +67,5 @@ def register_routes() -> bool:
     routes.get("/streamv2v/webcam/{session}/output")(get_output)
     routes.post("/streamv2v/loop/{session}/stop")(post_stop)
     routes.get("/streamv2v/loop/{session}/status")(get_status)
-    routes.get("/streamv2v/banks")(get_banks)
     _registered = True
     return True

@@ -1,14 +1,15 @@
 """StreamV2VSampler: restyle an IMAGE batch frame by frame with the stream batch."""
 from __future__ import annotations
 
+import time
+
 import torch
 from comfy_api.latest import io
 
-import comfy.samplers
 import comfy.utils
 
-from .previews import preview_of
-from .stream_engine import StreamSettings, run_stream
+from .previews import PREVIEW_INTERVAL_S, preview_of
+from .stream_engine import BANK_START_CHOICES, CONTINUE, FRESH, IN_FLIGHT, StreamSettings, run_stream
 
 CATEGORY = "StreamV2V"
 
@@ -25,8 +26,10 @@ def stream_inputs() -> list:
                      tooltip="Seed of the noise added to every frame."),
         io.Int.Input("steps", default=4, min=1, max=50, tooltip="Denoising steps per frame (4 for LCM)."),
         io.Float.Input("strength", default=0.4, min=0.01, max=1.0, step=0.01,
-                       tooltip="How much of each frame is re-imagined: low keeps the video, high follows the "
-                               "prompt (SDEdit strength, paper 0.4)."),
+                       tooltip="How much of each frame is re-imagined (SDEdit strength, paper 0.4): low keeps the "
+                               "video, high follows the prompt. The first step starts at timestep 1000 x strength "
+                               "and the steps are evenly spaced down to the clean frame (StreamDiffusion's rule: "
+                               "4 steps at 0.4 = timesteps 399/299/199/99); 1.0 starts from pure noise."),
         io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1,
                        tooltip="Guidance. 1.0 (paper) runs the positive prompt only and is twice as fast."),
         io.Boolean.Input("stream_batch", default=True,
@@ -41,8 +44,21 @@ def stream_inputs() -> list:
                        tooltip="Advanced: cosine similarity above which frames may be skipped."),
         io.Int.Input("max_skips", default=10, min=1, max=1000, optional=True,
                      tooltip="Advanced: at most this many frames in a row reuse an output."),
-        io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="sgm_uniform",
-                       optional=True, tooltip="Advanced: noise schedule (sgm_uniform suits LCM)."),
+        io.Combo.Input("bank_start", options=list(BANK_START_CHOICES), default=FRESH, optional=True,
+                       tooltip=f"'{FRESH}': this run starts a new stream (the feature bank is cleared, frames "
+                               f"count from 0). '{CONTINUE}': carry on from the previous run of the same bank "
+                               f"(bank, frame numbers, noise and similarity filter continue), for videos queued "
+                               f"in chunks (VideoHelperSuite meta-batches, Auto Queue): N runs of k frames give the "
+                               f"frames of one run of N*k. '{IN_FLIGHT}': as continue, and the stream batch keeps "
+                               f"its frames in flight between runs, for one frame per run (Auto Queue, "
+                               f"comfystream): one model call per frame, output lags the input by steps-1 frames "
+                               f"(the first input is shown while the pipeline fills). A change of model, LoRA, "
+                               f"size, steps, strength or cfg always starts afresh, with the reason in the log and "
+                               f"the bank's status line."),
+        io.Boolean.Input("compile", default=False, optional=True,
+                         tooltip="Advanced: run the UNet (with the bank patches inside) through torch.compile for "
+                                 "speed on a GPU. The first frames take longer while it compiles; if compiling is "
+                                 "not possible here the stream runs as usual, with a note in the log."),
     ]
 
 
@@ -64,10 +80,12 @@ class StreamV2VSampler(io.ComfyNode):
                     io.Image.Input("images", tooltip="The video frames, in order (an IMAGE batch)."),
                     *stream_inputs()[4:]],
             outputs=[io.Image.Output(display_name="images", tooltip="The restyled frames, same count and order.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def validate_inputs(cls, steps=4, strength=0.4, **kwargs):
+    def validate_inputs(cls, steps=4, strength=0.4):
+        # Only the inputs named here skip ComfyUI's own min/max checks (a **kwargs would skip them all).
         try:
             StreamSettings(steps=steps, strength=strength).check()
         except ValueError as error:
@@ -83,12 +101,20 @@ class StreamV2VSampler(io.ComfyNode):
         total = images.shape[0]
         outputs: list[torch.Tensor | None] = [None] * total
         progress = comfy.utils.ProgressBar(total)
+        shown = [0.0]
 
         def on_output(index: int, image: torch.Tensor) -> None:
-            outputs[index] = image.cpu()
-            progress.update_absolute(index + 1, total, preview_of(image))
+            outputs[index] = image
+            now = time.monotonic()
+            preview = None
+            if now - shown[0] >= PREVIEW_INTERVAL_S or index + 1 == total:  # a few previews a second
+                shown[0], preview = now, preview_of(image)
+            progress.update_absolute(index + 1, total, preview)
 
-        run_stream(model, positive, negative, vae, iter(images), settings, on_output)
+        node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        run_stream(model, positive, negative, vae, iter(images), settings, on_output,
+                   stream_key=f"StreamV2VSampler {node_id}" if node_id is not None else None,
+                   who="StreamV2V Sampler")
         return io.NodeOutput(torch.stack(outputs))
 
 

@@ -68,7 +68,7 @@ def main() -> None:
     negative = tiny_models.encode_prompt(clip_model, "")
     source = read_frames(str(clip))
 
-    handle = FeatureBankNode.execute("demo", "dyme", 1, 4, True, 0).args[0]
+    handle = FeatureBankNode.execute("demo", "dyme", 1, 4, 0).args[0]
     banked = ExtendedAttentionPatch.execute(model, handle, "all").args[0]
     banked = FeatureFusionPatch.execute(banked, handle, 0.75, 0.9, "low-res decoder").args[0]
 

@@ -3,53 +3,61 @@
 EA is expressed on the self-attention *input* tokens: ComfyUI projects the context
 with bias-free ``to_k`` / ``to_v``, so attending to ``cat([x_t, x_fb])`` is exactly
 ``softmax(Q [K_t, K_fb]^T / sqrt(d)) [V_t, V_fb]`` with ``K_fb = to_k(x_fb)``.
+
+One attention call needs one key length for all its rows, while rows of a stream batch
+can have seen different numbers of past frames. Attention over a multiset of key/value
+pairs in which every pair appears ``k`` times equals attention over the set, so each
+row's own set ``[x_t, x_fb]`` is repeated up to a common length: nothing is truncated and
+nothing the paper would not attend to is added.
 """
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 
 
 def extend_with_bank(tokens: torch.Tensor, banked: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """Append each row's banked tokens to its own tokens (EA, eq. 1).
+    """Each row's context followed by its banked tokens, repeated to one common length (EA, eq. 1).
 
     tokens: ``[B, T, C]`` the self-attention context of this call.
-    banked: per row, ``[m_r, C]`` or None (no bank yet for that row).
-    Returns ``[B, T + L, C]``, or None when no row has a bank.
-
-    One call needs one key length for all rows. ``L`` is the shortest bank present;
-    a longer bank (a queue or a DyMe bank of several frames still filling up, seen
-    from a stream batch whose rows are different frames) contributes its newest ``L``
-    tokens. A row without a bank is padded with copies of its own tokens:
-    duplicating every key/value pair the same number of times leaves softmax
-    attention exactly unchanged. Bank lengths are whole frames (multiples of ``T``),
-    which makes that possible.
+    banked: per row, ``[m_r, C]`` (that row's bank) or None (no bank yet).
+    Returns ``[B, N, C]`` with ``N = lcm_r(T + m_r)``: row r holds ``[x_r, bank_r]`` repeated
+    ``N / (T + m_r)`` times, which leaves softmax attention exactly as over ``[x_r, bank_r]``.
+    Returns None when no row has a bank.
     """
-    present = [b for b in banked if b is not None]
-    if not present:
+    if all(b is None for b in banked):
         return None
     t = tokens.shape[1]
-    length = min(b.shape[0] for b in present)
-    if length % t:
-        raise ValueError(f"a bank of {length} tokens is not a whole number of frames of {t} tokens")
+    sizes = [t + (0 if b is None else b.shape[0]) for b in banked]
+    length = math.lcm(*sizes)
     rows = []
-    for row, bank in zip(tokens, banked):
-        extra = [row] * (length // t) if bank is None else [bank[bank.shape[0] - length:].to(tokens)]
-        rows.append(torch.cat([row] + extra, dim=0))
+    for row, bank, size in zip(tokens, banked, sizes):
+        own = row if bank is None else torch.cat([row, bank.to(tokens)], dim=0)
+        rows.append(own.repeat(length // size, 1))
     return torch.stack(rows)
 
 
-def feature_fusion(out: torch.Tensor, bank: torch.Tensor, alpha: float, threshold: float) -> torch.Tensor:
-    """Fuse each output token with its cosine nearest neighbour in the bank (eq. 2).
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """``x / |x|`` over the last dimension (in ``x``'s dtype)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def feature_fusion(out: torch.Tensor, bank: torch.Tensor, alpha: float, threshold: float,
+                   bank_unit: torch.Tensor | None = None) -> torch.Tensor:
+    """Fuse each output token with its cosine nearest neighbour in the bank (eq. 2), in one pass.
 
     out: ``[b, T, C]`` attention output of the current frame.
-    bank: ``[b, m, C]`` banked outputs of past frames.
+    bank: ``[b, m, C]`` banked outputs of past frames; ``bank_unit`` the same, unit-norm
+        (stored with the bank so it is not normalised again every call).
     Returns ``[b, T, C]``: ``(1 - alpha) * O_t(p) + alpha * O_fb(q)`` with
     ``q = argmax cos(O_t(p), O_fb)``, except where that best similarity is below
     ``threshold``, where the token stays unchanged.
     """
-    similarity = F.normalize(out.float(), dim=-1) @ F.normalize(bank.float(), dim=-1).transpose(1, 2)
+    if bank_unit is None:
+        bank_unit = unit(bank.float())
+    similarity = torch.bmm(unit(out.to(bank_unit.dtype)), bank_unit.transpose(1, 2))
     best, nearest = similarity.max(dim=-1)
-    matched = torch.gather(bank.to(out.dtype), 1, nearest.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
+    matched = torch.gather(bank, 1, nearest.unsqueeze(-1).expand(-1, -1, out.shape[-1])).to(out.dtype)
     fused = torch.lerp(out, matched, alpha)
     return torch.where((best >= threshold).unsqueeze(-1), fused, out)

@@ -1,28 +1,32 @@
-"""Dynamic merging (DyMe, paper section 4.3 and appendix A.5.2), vectorised.
+"""Dynamic merging (DyMe, paper section 4.3 and appendix A.5.2), vectorised and batched.
 
 The bank and the current frame's tokens are concatenated, split at random into a
 source set and a destination set, and every source token is averaged into its most
 cosine-similar destination token. ``scatter_reduce(..., "mean", include_self=True)``
 makes each destination the mean of itself and all sources matched to it, in one call.
 
-The matching is computed once and can be applied to several tensors of the same
-layer (EA's attention input and FF's attention output), so the two stay aligned.
+Rows of the batch dimension are independent merges (one per layer and key), so a whole
+shape group of layers merges in one go. The random split comes from random keys the
+caller draws from private generators (the global RNG is never touched); sorting them
+gives one independent permutation per row.
+
+The matching is computed once and can be applied to several tensors of the same layer
+(EA's attention input and FF's attention output), so the two stay aligned.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
 class Matching:
-    """A bipartite matching over ``M`` tokens per row.
+    """A bipartite matching over ``M`` tokens for each of ``R`` rows.
 
-    src_idx: ``[b, num_src]`` positions of the source tokens.
-    dst_idx: ``[b, M - num_src]`` positions of the destination tokens.
-    dst_of_src: ``[b, num_src]`` for each source, its destination's index into ``dst_idx``.
+    src_idx: ``[R, num_src]`` positions of the source tokens.
+    dst_idx: ``[R, M - num_src]`` positions of the destination tokens.
+    dst_of_src: ``[R, num_src]`` for each source, its destination's index into ``dst_idx``.
     """
 
     src_idx: torch.Tensor
@@ -33,30 +37,45 @@ class Matching:
     def num_tokens(self) -> int:
         return self.src_idx.shape[1] + self.dst_idx.shape[1]
 
+    def select_groups(self, groups: list[int], rows_per_group: int) -> "Matching":
+        """The matching of rows ``g * rows_per_group .. (g + 1) * rows_per_group`` for each g in ``groups``."""
+        first, last = groups[0], groups[-1]
+        if groups == list(range(first, last + 1)):  # contiguous: a view
+            sl = slice(first * rows_per_group, (last + 1) * rows_per_group)
+            return Matching(self.src_idx[sl], self.dst_idx[sl], self.dst_of_src[sl])
+        rows = torch.tensor([g * rows_per_group + r for g in groups for r in range(rows_per_group)],
+                            device=self.src_idx.device)
+        return Matching(self.src_idx[rows], self.dst_idx[rows], self.dst_of_src[rows])
+
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x ``[b, M, C]``, idx ``[b, k]`` -> ``[b, k, C]``."""
+    """x ``[R, M, C]``, idx ``[R, k]`` -> ``[R, k, C]``."""
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def random_bipartite_matching(x: torch.Tensor, num_src: int, generator: torch.Generator) -> Matching:
-    """Random src/dst split of ``x`` ``[b, M, C]`` and cosine best match of each source.
+def random_bipartite_matching(x: torch.Tensor, num_src: int, keys: torch.Tensor) -> Matching:
+    """Random src/dst split of ``x`` ``[R, M, C]`` and the cosine best match of each source.
 
-    The split is drawn from ``generator`` (a CPU generator: the global RNG is never
-    touched), one independent permutation per row.
+    keys: ``[R, M]`` random numbers (any distribution without ties); sorting them gives each
+    row's permutation, whose first ``num_src`` positions are the sources.
     """
-    b, m, _ = x.shape
+    rows, m, _ = x.shape
     if not 0 < num_src < m:
         raise ValueError(f"num_src must be in 1..{m - 1}, got {num_src}")
-    perm = torch.rand(b, m, generator=generator).argsort(dim=1).to(x.device)
+    if keys.shape != (rows, m):
+        raise ValueError(f"random keys must have shape {(rows, m)}, got {tuple(keys.shape)}")
+    perm = keys.argsort(dim=1)
     src_idx, dst_idx = perm[:, :num_src], perm[:, num_src:]
-    unit = F.normalize(x.float(), dim=-1)
-    similarity = _gather_rows(unit, src_idx) @ _gather_rows(unit, dst_idx).transpose(1, 2)
+    xf = x.float()
+    # argmax over destinations of cos(src, dst) does not depend on |src|: only dst is normalised.
+    dst = _gather_rows(xf, dst_idx)
+    dst = dst / torch.linalg.vector_norm(dst, dim=-1, keepdim=True).clamp_min(1e-12)
+    similarity = torch.bmm(_gather_rows(xf, src_idx), dst.transpose(1, 2))
     return Matching(src_idx, dst_idx, similarity.argmax(dim=-1))
 
 
 def apply_matching(x: torch.Tensor, matching: Matching) -> torch.Tensor:
-    """Merge ``x`` ``[b, M, C]`` by ``matching`` -> ``[b, M - num_src, C]``.
+    """Merge ``x`` ``[R, M, C]`` by ``matching`` -> ``[R, M - num_src, C]``.
 
     Each destination token becomes the mean of itself and the sources matched to it
     (computed in float32, returned in ``x.dtype``).

@@ -1,18 +1,34 @@
 """StreamDiffusion's stochastic similarity filter: skip frames that barely changed."""
 from __future__ import annotations
 
+import random
+import zlib
+
 import torch
 import torch.nn.functional as F
+
+
+def skip_probability(frame: torch.Tensor, reference: torch.Tensor, threshold: float) -> float:
+    """``max(0, 1 - (1 - s) / (1 - threshold))`` with ``s`` the cosine similarity of the two images in [-1, 1].
+
+    frame, reference: images in 0..1 (any shape); StreamDiffusion compares the [-1, 1]
+    tensors it feeds the VAE, so both are mapped there first (on [0, 1] pixels every
+    image is similar to every other: all values are positive).
+    """
+    a = frame.detach().reshape(-1).double() * 2 - 1
+    b = reference.detach().reshape(-1).double() * 2 - 1
+    similarity = float(F.cosine_similarity(a, b, dim=0))
+    return max(0.0, 1.0 - (1.0 - similarity) / (1.0 - threshold))
 
 
 class SimilarityFilter:
     """Decides, frame by frame, whether a frame can reuse the last processed frame's output.
 
-    The cosine similarity ``s`` between the frame and the last processed frame is
-    turned into a skip probability ``max(0, (s - threshold) / (1 - threshold))``: a
-    still image is skipped almost always, a changing one never. After ``max_skips``
-    skips in a row the next frame is processed regardless. The coin flips come from a
-    private generator seeded with ``seed``, so runs repeat.
+    A frame is skipped with ``skip_probability`` against the *reference*, the last frame
+    that was processed (it stays fixed while frames are skipped). After ``max_skips``
+    skips in a row the next frame is processed regardless. The coin for input frame i is
+    drawn from a generator seeded with (seed, i), so runs repeat and a stream continued
+    over several runs flips the same coins as one run.
     """
 
     def __init__(self, threshold: float = 0.98, max_skips: int = 10, seed: int = 0):
@@ -20,19 +36,19 @@ class SimilarityFilter:
             raise ValueError(f"similarity threshold must be in [0, 1), got {threshold}")
         self.threshold = threshold
         self.max_skips = max_skips
-        self._generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self._reference: torch.Tensor | None = None
         self._skipped = 0
+        self._seen = 0
 
     def skip(self, frame: torch.Tensor) -> bool:
-        """frame: any shape (e.g. ``[H, W, 3]``). True when it should reuse the previous output."""
-        flat = frame.detach().reshape(-1).float()
-        if self._reference is not None and self._skipped < self.max_skips and flat.shape == self._reference.shape:
-            similarity = float(F.cosine_similarity(flat, self._reference, dim=0))
-            probability = max(0.0, (similarity - self.threshold) / (1.0 - self.threshold))
-            if float(torch.rand((), generator=self._generator)) < probability:
+        """frame: an image in 0..1 (e.g. ``[H, W, 3]``). True when it should reuse the previous output."""
+        index, self._seen = self._seen, self._seen + 1
+        if self._reference is not None and self._skipped < self.max_skips and frame.shape == self._reference.shape:
+            coin = random.Random(zlib.crc32(repr((self.seed, index)).encode())).random()
+            if coin < skip_probability(frame, self._reference, self.threshold):
                 self._skipped += 1
                 return True
-        self._reference = flat.clone()
+        self._reference = frame.detach().clone()
         self._skipped = 0
         return False

@@ -21,7 +21,9 @@ from host.inprocess import comfy_path, setup_host  # noqa: E402
 
 COMFY_PATH = comfy_path()
 try:
-    PACK = setup_host("cpu")
+    # One torch thread: the tiny test models gain nothing from more, and on a shared 2-core machine
+    # OpenMP threads that spin for a busy core make every kernel up to ~70x slower.
+    PACK = setup_host("cpu", threads=1)
 except RuntimeError as error:
     raise pytest.UsageError(str(error)) from error
 

@@ -8,31 +8,33 @@ import torch
 import nodes as comfy_nodes  # ComfyUI's nodes.py
 from comfy_extras.nodes_tomesd import TomePatchModel
 from host import tiny_models
+from host.comfy038 import emulate_038_clone
 from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch
 from streamv2v.streamv2v_core import BANKS
-from streamv2v.streamv2v_core.patches import step_of
+from streamv2v.streamv2v_core.patches import FeatureFusion, step_of
 
 LATENT = 16  # 128x128 images: 256 tokens at full resolution
 
 
 def _bank(name, **kw):
     BANKS.remove(name)
-    args = dict(mode="dyme", size=1, interval=1, reset=False, seed=0) | kw
-    return FeatureBankNode.execute(name, args["mode"], args["size"], args["interval"], args["reset"],
-                                   args["seed"]).args[0]
+    args = dict(mode="dyme", size=1, interval=1, seed=0) | kw
+    return FeatureBankNode.execute(name, args["mode"], args["size"], args["interval"], args["seed"]).args[0]
 
 
-def _patch(model, handle, ea=True, ff=True):
+def _patch(model, handle, ea=True, ff=True, alpha=0.75, ea_blocks="all"):
     if ea:
-        model = ExtendedAttentionPatch.execute(model, handle, "all").args[0]
+        model = ExtendedAttentionPatch.execute(model, handle, ea_blocks).args[0]
     if ff:
-        model = FeatureFusionPatch.execute(model, handle, 0.75, 0.9, "low-res decoder").args[0]
+        model = FeatureFusionPatch.execute(model, handle, alpha, 0.9, "low-res decoder").args[0]
     return model
 
 
-def _sample(model, pos, neg, seed=0, cfg=1.0, size=LATENT, steps=4, batch=1):
+def _sample(model, pos, neg, seed=0, cfg=1.0, size=LATENT, steps=4, batch=1, denoise=1.0):
     latent = {"samples": torch.zeros(batch, 4, size, size)}
-    return comfy_nodes.common_ksampler(model, seed, steps, cfg, "lcm", "sgm_uniform", pos, neg, latent)[0]["samples"]
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        return comfy_nodes.common_ksampler(model, seed, steps, cfg, "lcm", "sgm_uniform", pos, neg, latent,
+                                           denoise=denoise)[0]["samples"]
 
 
 class Recorder:
@@ -47,13 +49,12 @@ class Recorder:
     def __call__(self, n, context, value, extra_options):
         flags = extra_options["cond_or_uncond"]
         per_chunk = context.shape[0] // len(flags)
-        sigmas = extra_options["sigmas"]
+        sigmas, schedule = extra_options["sigmas"].tolist(), extra_options["sample_sigmas"].tolist()
         block = extra_options["block"]
         layer = (block[0], block[1], extra_options["block_index"])
         for chunk, flag in enumerate(flags):
             for r in range(per_chunk):
-                step = step_of(float(sigmas[r]), extra_options["sample_sigmas"])
-                self.seen[(layer, step, flag)] = context[chunk * per_chunk + r].clone()
+                self.seen[(layer, step_of(sigmas[r], schedule), flag)] = context[chunk * per_chunk + r].clone()
         return n, context, value
 
 
@@ -122,7 +123,21 @@ def test_stacks_with_core_tome_patch():
     assert not torch.allclose(outputs["tome+bank"], outputs["bank"])
 
 
-def test_frame_counting_and_resets_on_latent_or_model_change(caplog):
+def _lora(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name, weight in model.model.diffusion_model.named_parameters():
+        if name.endswith("attn1.to_q.weight"):
+            key = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
+            lora[f"{key}.lora_up.weight"] = torch.randn(weight.shape[0], 4, generator=g)
+            lora[f"{key}.lora_down.weight"] = torch.randn(4, weight.shape[1], generator=g)
+    return lora
+
+
+def test_frame_counting_and_readable_resets(caplog):
+    """Every clear says why in words (no object ids): size, model, LoRA strength, settings."""
+    import comfy.sd
+
     model = tiny_models.tiny_sd15_model(0)
     pos = tiny_models.random_conditioning("sd15", 1)
     handle = _bank("resets", interval=4)
@@ -131,19 +146,35 @@ def test_frame_counting_and_resets_on_latent_or_model_change(caplog):
         _sample(m, pos, pos, seed=seed)
     bank = handle.bank
     assert bank.frames_seen == 3 and bank.nbytes() > 0
-    with caplog.at_level(logging.INFO, logger="streamv2v"):
-        _sample(m, pos, pos, size=LATENT + 8)
-    assert "latent size changed from 16x16" in caplog.text and bank.frames_seen == 1
-    caplog.clear()
+
+    def reason_after(run):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="streamv2v"):
+            run()
+        lines = [r.message for r in caplog.records if "cleared" in r.message]
+        assert len(lines) == 1, lines
+        assert "@" not in lines[0] and "0x" not in lines[0] and "uuid" not in lines[0].lower()
+        return lines[0].split("cleared: ")[1]
+
+    assert reason_after(lambda: _sample(m, pos, pos, size=LATENT + 8)) == "frame size changed 128x128 -> 192x192"
+    assert bank.frames_seen == 1
     other = _patch(tiny_models.tiny_sd15_model(1), handle)
-    with caplog.at_level(logging.INFO, logger="streamv2v"):
-        _sample(other, pos, pos, size=LATENT + 8)
-    assert "model changed" in caplog.text
-    FeatureBankNode.execute("resets", "dyme", 1, 4, True, 0)
-    assert bank.nbytes() == 0 and bank.frames_seen == 0
+    assert reason_after(lambda: _sample(other, pos, pos, size=LATENT + 8)) == "model (checkpoint or model loader) changed"
+    lora = _lora(model)
+    weak = _patch(comfy.sd.load_lora_for_models(model, None, lora, 0.5, 0.0)[0], handle)
+    strong = _patch(comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)[0], handle)
+    assert reason_after(lambda: _sample(weak, pos, pos)) == ("model (checkpoint or model loader) changed; LoRA or "
+                                                            "weight patches changed none -> 16 patched weights; "
+                                                            "frame size changed 192x192 -> 128x128")
+    assert reason_after(lambda: _sample(strong, pos, pos)) == "LoRA strength changed 0.5 -> 1"
+    assert reason_after(lambda: _sample(strong, pos, pos, steps=6)) == "steps changed 4 -> 6"
+    assert reason_after(lambda: _sample(strong, pos, pos, steps=6, denoise=0.5)).startswith("noise schedule")
+    assert reason_after(lambda: FeatureBankNode.execute("resets", "queue", 2, 4, 0)) == \
+        "bank settings changed: mode dyme -> queue, size 1 -> 2"
+    assert bank.last_reset_reason.startswith("bank settings changed")
 
 
-def test_bank_changes_the_next_frame_and_reset_restores_it():
+def test_bank_changes_the_next_frame_and_a_clear_restores_it():
     model = tiny_models.tiny_sd15_model(0)
     pos = tiny_models.random_conditioning("sd15", 1)
     handle = _bank("effect", interval=1)
@@ -151,10 +182,62 @@ def test_bank_changes_the_next_frame_and_reset_restores_it():
     first = _sample(m, pos, pos, seed=1)
     assert torch.equal(first, _sample(model, pos, pos, seed=1)), "an empty bank changes nothing"
     with_past = _sample(m, pos, pos, seed=2)
-    FeatureBankNode.execute("effect", "dyme", 1, 1, True, 0)
+    handle.bank.reset("test")
     fresh = _sample(m, pos, pos, seed=2)
     assert not torch.allclose(with_past, fresh)
     assert torch.equal(fresh, _sample(model, pos, pos, seed=2))
+
+
+@pytest.mark.parametrize("semantics", ["0.3.75 deep copy", "0.38 shared patches"])
+def test_edits_users_make_between_runs_work_under_both_clone_semantics(semantics):
+    """EA -> KSampler, then FF inserted; alpha changed; EA blocks changed; two samplers on the EA model."""
+    model = tiny_models.tiny_sd15_model(0)
+    pos, neg = tiny_models.random_conditioning("sd15", 1), tiny_models.random_conditioning("sd15", 2)
+    handle = _bank(f"edits-{semantics}", interval=1)
+    emulate = emulate_038_clone() if semantics.startswith("0.38") else _nothing()
+    with emulate:
+        ea = _patch(model, handle, ff=False)  # a cached node output, re-used by every edit below
+        _sample(ea, pos, neg, seed=1, cfg=2.0)
+        with_ff = FeatureFusionPatch.execute(ea, handle, 0.75, 0.9, "low-res decoder").args[0]
+        _sample(with_ff, pos, neg, seed=2, cfg=2.0)
+        other_alpha = FeatureFusionPatch.execute(ea, handle, 0.5, 0.9, "low-res decoder").args[0]
+        _sample(other_alpha, pos, neg, seed=3, cfg=2.0)
+        decoder_only = _patch(model, handle, ff=False, ea_blocks="decoder")
+        _sample(decoder_only, pos, neg, seed=4, cfg=2.0)
+        a = _sample(ea, pos, neg, seed=5, cfg=2.0)  # two samplers on the same EA model in one prompt
+        b = _sample(ea, pos, neg, seed=6, cfg=2.0)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        copy.deepcopy(ea.model_options)  # what 0.3.75's clone() does: must never fail
+    assert handle.bank.frames_seen == 6
+    # The EA model is still EA only (FF went on clones), and the original model has no patches at all.
+    assert set(ea.model_options["transformer_options"]["patches"]) == {"attn1_patch"}
+    assert "patches" not in model.model_options.get("transformer_options", {})
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_fp8_weights_keep_the_bank_in_the_compute_dtype():
+    """ComfyUI moves patches to the weight dtype too (model_patches_to(fp8)); the bank must not follow."""
+    model = tiny_models.tiny_sd15_model(0, dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert model.model_dtype() == torch.float8_e4m3fn
+    pos = tiny_models.random_conditioning("sd15", 1)
+    handle = _bank("fp8", interval=1)
+    m = _patch(model, handle)
+    m.model_patches_to(torch.float8_e4m3fn)
+    for seed in (1, 2):
+        out = _sample(m, pos, pos, seed=seed)
+    assert torch.isfinite(out).all()
+    bank = handle.bank
+    dtypes = {g.data.dtype for groups in bank._groups.values() for g in groups.values()}
+    assert dtypes == {torch.float32}
+    elements = sum(g.data.numel() for groups in bank._groups.values() for g in groups.values())
+    assert bank.nbytes() == 4 * elements and bank.status()["bytes"] == bank.nbytes()
 
 
 @pytest.mark.parametrize("alpha,threshold", [(1.5, 0.9), (0.75, -2.0)])
@@ -164,3 +247,69 @@ def test_bad_fusion_input_is_refused_before_sampling(alpha, threshold):
         FeatureFusionPatch.execute(model, _bank("bad"), alpha, threshold, "low-res decoder")
     with pytest.raises(ValueError, match="blocks"):
         ExtendedAttentionPatch.execute(model, _bank("bad"), "everything")
+
+
+def test_patches_trace_without_graph_breaks_and_reuse_the_graph_across_frames():
+    """torch.compile (dynamo, eager backend: tracing only) of a ComfyUI transformer block with EA and FF
+    inside: no graph break, and new frames reuse the compiled graphs (frame numbers are not guarded on)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import comfy.ops
+
+    # pytest captures every log record; torch's structured trace log at DEBUG makes tracing ~80x slower.
+    logging.getLogger("torch.__trace").setLevel(logging.WARNING)
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+    from streamv2v.streamv2v_core.calls import CALLS_KEY, BankCall, RowPlan
+
+    block = tiny_models.init_params_(BasicTransformerBlock(32, 4, 8, context_dim=16,
+                                                           operations=comfy.ops.disable_weight_init), 3)
+    handle = _bank("compiled", interval=4)
+    ea = ExtendedAttentionPatch.execute(tiny_models.tiny_sd15_model(0), handle, "all").args[0]
+    patches = {"attn1_patch": [p for p in ea.model_options["transformer_options"]["patches"]["attn1_patch"]],
+               "attn1_output_patch": [FeatureFusion(handle, "all", 0.75, 0.9)]}
+    steps, g = 4, torch.Generator().manual_seed(0)
+    context = torch.randn(steps, 7, 16, generator=g)
+
+    def call(frame):
+        """One stream-batch call: rows = frames frame..frame-3 at steps 0..3."""
+        rows = [f for f in range(frame, frame - steps, -1) if f >= 0]
+        bank_call = BankCall(handle.bank, RowPlan(tuple(rows), tuple(range(len(rows))), steps), [0], len(rows))
+        options = {"patches": patches, "block": ("middle", 0), "block_index": 0, "original_shape": [1, 4, 4, 4],
+                   "cond_or_uncond": [0], CALLS_KEY: {handle.name: bank_call}}
+        return bank_call, torch.randn(len(rows), 16, 32, generator=g), options
+
+    with torch.inference_mode():
+        for frame in range(8):  # fill the bank and the pipeline, uncompiled
+            bank_call, x, options = call(frame)
+            block(x, context[:x.shape[0]], transformer_options=options)
+            bank_call.flush()
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(lambda x, c, o: block(x, c, transformer_options=o), backend="eager", dynamic=False)
+        for frame in range(8, 20):
+            bank_call, x, options = call(frame)
+            out = compiled(x, context, options)
+            eager = block(x, context, transformer_options=options)
+            torch.testing.assert_close(out, eager, rtol=0, atol=1e-6)
+            bank_call.flush()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # Steady state: one graph per position of the updating frame in the stream batch (interval 4: 4 of them).
+    assert counters["stats"]["unique_graphs"] <= 4, counters["stats"]["unique_graphs"]
+
+
+def test_compiled_path_falls_back_cleanly_when_it_cannot_apply(caplog, monkeypatch):
+    from streamv2v.nodes import stream_engine
+    from streamv2v.nodes.sampler_nodes import StreamV2VSampler
+
+    monkeypatch.setattr(stream_engine, "COMPILE_BACKEND", "no-such-backend")
+    model = _patch(tiny_models.tiny_sd15_model(0), _bank("fallback"))
+    vae, cond = tiny_models.tiny_taesd_vae(1), tiny_models.random_conditioning("sd15", 1)
+    frames = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    outputs = {}
+    with caplog.at_level(logging.WARNING, logger="streamv2v"):
+        for compiled in (True, False):
+            outputs[compiled] = StreamV2VSampler.execute(model, cond, cond, vae, frames, seed=1,
+                                                         compile=compiled).args[0]
+    assert torch.equal(outputs[True], outputs[False])
+    assert "compiled UNet path is not available here" in caplog.text

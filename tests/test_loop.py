@@ -87,7 +87,7 @@ def comfy_dirs(tmp_path):
 def parts():
     """A tiny SD1.5 model patched with a bank (EA + FF), conditioning, TAESD."""
     BANKS.remove("loop_test")
-    handle = FeatureBankNode.execute("loop_test", "dyme", 1, 1, False, 0).args[0]
+    handle = FeatureBankNode.execute("loop_test", "dyme", 1, 1, 0).args[0]
     model = tiny_models.tiny_sd15_model(0, out_scale=0.1)
     model = ExtendedAttentionPatch.execute(model, handle, "all").args[0]
     model = FeatureFusionPatch.execute(model, handle, 0.75, 0.9, "low-res decoder").args[0]
@@ -180,7 +180,7 @@ def test_resolution_change_restarts_stream_resets_bank_and_keeps_writing(parts, 
     with caplog.at_level(logging.INFO, logger="streamv2v"):
         path, last, count = run_loop(parts, source="image folder", path="frames", fps=8)
     assert "frame size changed from 64x64 to 96x64 at frame 3" in caplog.text
-    assert "bank 'loop_test' cleared: latent size changed" in caplog.text
+    assert "bank 'loop_test' cleared: frame size changed 64x64 -> 96x64" in caplog.text
     frames, rate, _, _ = read_back(path)
     assert count == 6 and frames.shape == (6, 64, 64, 3) and rate == 8
 

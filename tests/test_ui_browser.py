@@ -111,6 +111,9 @@ async def _drive(server, chrome, info, tmp_path):
             await asyncio.sleep(1.0)
             shots[path.stem] = tmp_path / f"{path.stem}.png"
             await cdp.screenshot(shots[path.stem])
+        status_shot = await _status_line_everywhere(server, cdp, tmp_path)
+        if UPDATE:
+            shutil.copy(status_shot, REPO / "docs" / "bank_status.png")
     return shots
 
 
@@ -130,3 +133,58 @@ async def _bank_status_line(server, cdp, workflow, info):
                               "return n.streamv2vBankStatus?.frames_seen >= 1 && n.streamv2vBankText; })()",
                               timeout=30)
     assert text.startswith("1 frame seen · ") and " MiB held · last reset: " in text, text
+    # The line is a DOM widget: real text on the page (the Vue renderer never draws on the canvas).
+    shown = await cdp.js(STATUS_ELEMENTS)
+    assert any(t.startswith("1 frame seen · ") for t, visible in shown if visible), shown
+
+
+STATUS_ELEMENTS = """[...document.querySelectorAll('.streamv2v-bank-status-text')]
+    .map((e) => [e.textContent, !!(e.offsetParent || e.getClientRects().length)])"""
+
+
+async def _status_line_everywhere(server, cdp, tmp_path):
+    """The status line with the Vue node renderer, inside a subgraph, and its Clear button (issue 9)."""
+    (path,) = [p for p in WORKFLOWS if p.stem == "streamv2v_continuous_txt2img"]
+    workflow = json.loads(path.read_text())
+    await cdp.js(f"app.loadGraphData({json.dumps(workflow)}, true, true, 'status').then(() => true)")
+    await asyncio.sleep(1.0)
+    await cdp.close_dialogs()
+    (bank_id,) = [n["id"] for n in workflow["nodes"] if n["type"] == "FeatureBank"]
+    await cdp.js(f"(() => {{ const n = app.graph.getNodeById({bank_id}); "
+                 "n.widgets.find((w) => w.name === 'name').value = 'browser_status'; return true; })()")
+    await cdp.js("app.streamv2vRefreshBanks()")
+    await cdp.wait_for(STATUS_ELEMENTS + ".some(([t, v]) => v && t.includes('frame seen'))", timeout=30)
+    await cdp.js(FIT_VIEW)
+    await asyncio.sleep(0.5)
+    shot = tmp_path / "bank_status_canvas.png"
+    await cdp.screenshot(shot)
+
+    vue = await cdp.js("""(async () => {
+        const settings = app.ui.settings, set = (settings.setSettingValueAsync ?? settings.setSettingValue).bind(settings);
+        try { await set('Comfy.VueNodes.Enabled', true); } catch (e) { return 'no Vue renderer: ' + e.message; }
+        return settings.getSettingValue('Comfy.VueNodes.Enabled'); })()""")
+    if vue is True:
+        await asyncio.sleep(2.0)
+        await cdp.wait_for(STATUS_ELEMENTS + ".some(([t, v]) => v && t.includes('frame seen'))", timeout=30)
+        await cdp.screenshot(tmp_path / "bank_status_vue.png")
+        await cdp.js("(app.ui.settings.setSettingValueAsync ?? app.ui.settings.setSettingValue)"
+                     ".call(app.ui.settings, 'Comfy.VueNodes.Enabled', false)")
+        await asyncio.sleep(1.0)
+    print(f"Vue node renderer: {vue}")
+
+    # Into a subgraph: the FeatureBank node inside it still gets its line, refreshed from the server.
+    inner = await cdp.js(f"""(async () => {{
+        const node = app.graph.getNodeById({bank_id});
+        if (!app.graph.convertToSubgraph) return 'no subgraphs in this frontend';
+        app.graph.convertToSubgraph(new Set([node]));
+        await app.streamv2vRefreshBanks();
+        const inside = [...app.streamv2vBankNodes].filter((n) => n.graph !== app.graph);
+        return inside.map((n) => n.streamv2vBankText ?? null); }})()""")
+    assert inner == "no subgraphs in this frontend" or (len(inner) == 1 and inner[0].startswith("1 frame seen")), inner
+    # The Clear button clears the bank on the server and says so.
+    cleared = await cdp.js("""(async () => {
+        const node = [...app.streamv2vBankNodes].find((n) => n.streamv2vBankStatus);
+        await node.streamv2vStatusLine.clear();
+        return node.streamv2vBankText; })()""")
+    assert cleared.startswith("0 frames seen") and "cleared with the Clear bank button" in cleared, cleared
+    return shot

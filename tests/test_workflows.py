@@ -148,7 +148,7 @@ def test_workflow_runs(server, path):
 
 
 def test_continuous_txt2img_keeps_its_bank_across_queued_runs(server):
-    """Auto Queue: every run is one frame; the bank (reset off) keeps counting across prompts."""
+    """Auto Queue: every run is one frame; the bank keeps counting across prompts while the prompt is edited."""
     (path,) = [p for p in WORKFLOWS if p.stem == "streamv2v_continuous_txt2img"]
     prompt = convert(server, path)
     (bank_id,) = [n for n, e in prompt.items() if e["class_type"] == "FeatureBank"]
@@ -161,4 +161,30 @@ def test_continuous_txt2img_keeps_its_bank_across_queued_runs(server):
         entry = server.run(prompt, timeout=120)
         assert server.output_files(entry)
         assert banks(server)[name]["frames_seen"] == before + i + 1
-    assert prompt[bank_id]["inputs"]["reset"] is False
+
+
+FILE_BASED = [p for p in WORKFLOWS if p.stem in ("streamv2v_video_file", "streamv2v_ab_bank",
+                                                  "streamv2v_long_video_loop")]
+
+
+@pytest.mark.parametrize("path", FILE_BASED, ids=[p.stem for p in FILE_BASED])
+def test_unchanged_requeue_runs_nothing_and_a_changed_setting_restarts_with_the_reason(server, path):
+    """Users re-queue constantly: nothing may run again (no new file), and an edited sampler setting starts
+    the stream afresh with a log line that says what changed."""
+    prompt = convert(server, path)
+    server.run(prompt, timeout=300)
+    files_before = sorted(server.output_dir.rglob("*"))
+    entry = server.run(prompt, timeout=300)
+    cached = {node for kind, data in entry["status"]["messages"] if kind == "execution_cached" for node in data["nodes"]}
+    assert cached == set(prompt), f"re-ran: {sorted(set(prompt) - cached)}"
+    assert sorted(server.output_dir.rglob("*")) == files_before, "an unchanged re-queue wrote a new file"
+
+    samplers = [e for e in prompt.values() if e["class_type"] in ("StreamV2VSampler", "StreamV2VLoop")]
+    for sampler in samplers:
+        sampler["inputs"]["strength"] = 0.45
+    log_start = len(server.log_text())
+    server.run(prompt, timeout=300)
+    (bank_id,) = [n for n, e in prompt.items() if e["class_type"] == "FeatureBank"]
+    name = prompt[bank_id]["inputs"]["name"]
+    assert f"StreamV2V bank '{name}' cleared: strength changed 0.4 -> 0.45" in server.log_text()[log_start:]
+    assert banks(server)[name]["last_reset"] == "strength changed 0.4 -> 0.45"

@@ -61,6 +61,9 @@ def setup_host(device: str = "cpu", threads: int | None = None):
 
     comfy.cli_args.args.cpu = device == "cpu"
     comfy.cli_args.args.disable_auto_launch = True
+    # PyTorch's SDPA attention, as ComfyUI uses on GPUs (on a CPU it would pick its sub-quadratic
+    # attention, whose Python loop over chunks no GPU user runs).
+    comfy.cli_args.args.use_pytorch_cross_attention = True
 
     import torch
 

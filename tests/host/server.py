@@ -16,7 +16,7 @@ ComfyUI imports each custom node folder under a sys.modules name equal to its *f
 Public API
 ----------
 ComfyServer(comfy_path=None, python=None, port=None, extra_args=(), custom_nodes=None,
-            startup_timeout=120.0, keep_dir=False)
+            startup_timeout=120.0, keep_dir=False, env=None)
   .start() / .stop() / context manager
   .url, .port, .base_dir, .output_dir, .input_dir, .log_path, .proc
   .object_info(node_class=None) -> dict
@@ -90,7 +90,7 @@ class PromptFailed(ServerError):
 
 class ComfyServer:
     def __init__(self, comfy_path=None, python=None, port=None, extra_args=(), custom_nodes=None,
-                 startup_timeout: float = 120.0, keep_dir: bool = False):
+                 startup_timeout: float = 120.0, keep_dir: bool = False, env: dict | None = None):
         self.comfy_path = pathlib.Path(comfy_path) if comfy_path else default_comfy_path()
         self.python = python or default_python()
         self.port = port or free_port()
@@ -102,6 +102,7 @@ class ComfyServer:
         }
         self.startup_timeout = startup_timeout
         self.keep_dir = keep_dir
+        self.env = dict(env or {})  # extra environment variables for the server process
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
         self.base_dir = None
@@ -130,11 +131,15 @@ class ComfyServer:
                "--user-directory", str(self.base_dir / "user"),
                "--database-url", "sqlite:///" + str(self.base_dir / "user" / "comfyui.db"),
                "--disable-auto-launch", "--disable-api-nodes",
+               "--use-pytorch-cross-attention",  # SDPA, as on GPUs (not the CPU-only sub-quadratic attention)
                *self.extra_args]
         env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
+        # One torch thread (tiny test models; spinning OpenMP threads on a shared 2-core machine make
+        # every kernel many times slower). Set OMP_NUM_THREADS to override.
+        env.setdefault("OMP_NUM_THREADS", "1")
         env["PYTHONUNBUFFERED"] = "1"
         env["COMFYUI_PATH"] = str(self.comfy_path)
+        env.update(self.env)
         self._log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=str(self.comfy_path), env=env, stdin=subprocess.DEVNULL,
                                      stdout=self._log_file, stderr=subprocess.STDOUT,

@@ -143,11 +143,13 @@ def _unet_config(model_channels, channel_mult, num_res_blocks, depth_per_level, 
     return cfg
 
 
-def _build_patcher(config_cls, unet_config, seed, dtype, device, out_scale=1.0, extra_unet=None):
+def _build_patcher(config_cls, unet_config, seed, dtype, device, out_scale=1.0, extra_unet=None,
+                   compute_dtype=None):
     config = config_cls(unet_config)
     if extra_unet:
         config.unet_config.update(extra_unet)  # applied after the class's unet_extra_config
-    config.set_inference_dtype(dtype, None)
+    # compute_dtype: weights stored in ``dtype`` (e.g. fp8, as UNETLoader's weight_dtype) and cast per layer.
+    config.set_inference_dtype(dtype, compute_dtype)
     model = config.get_model({}, "", device=torch.device("cpu"))
     init_params_(model.diffusion_model, seed)
     if out_scale != 1.0:
@@ -160,13 +162,25 @@ def _build_patcher(config_cls, unet_config, seed, dtype, device, out_scale=1.0, 
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
-def tiny_sd15_model(seed: int = 0, dtype: torch.dtype = torch.float32, device=None, out_scale: float = 1.0):
+def tiny_sd15_model(seed: int = 0, dtype: torch.dtype = torch.float32, device=None, out_scale: float = 1.0,
+                    compute_dtype: torch.dtype | None = None):
     """SD1.5-shaped UNet (comfy.supported_models.SD15 / model_base.BaseModel), 8.6M params.
 
     model_channels 32, channel_mult [1,2,4,4], attention at levels 0-2 and middle, 8 heads
     (SD15's own unet_extra_config), context_dim 64, EPS prediction, SD15 latent format.
+    ``dtype=torch.float8_e4m3fn, compute_dtype=torch.float32`` stores the weights in fp8 and
+    computes in fp32, as ComfyUI does for a UNet loaded with weight_dtype fp8.
     """
     cfg = _unet_config(32, [1, 2, 4, 4], 2, [1, 1, 1, 0], 1, CONTEXT_DIM["sd15"], None, False)
+    return _build_patcher(comfy.supported_models.SD15, cfg, seed, dtype, device, out_scale,
+                          compute_dtype=compute_dtype)
+
+
+def micro_sd15_model(seed: int = 0, dtype: torch.dtype = torch.float32, device=None, out_scale: float = 1.0):
+    """A smaller SD1.5-shaped UNet for long parametrised grids: two resolution levels (so frames
+    from 16 px work), model_channels 32, attention at both levels and the middle, context_dim 64.
+    """
+    cfg = _unet_config(32, [1, 2], 1, [1, 1], 1, CONTEXT_DIM["sd15"], None, False)
     return _build_patcher(comfy.supported_models.SD15, cfg, seed, dtype, device, out_scale)
 
 

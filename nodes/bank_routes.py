@@ -1,0 +1,99 @@
+"""HTTP routes for the feature banks, and releasing their memory with ComfyUI's "Free memory".
+
+GET    /streamv2v/banks               {"banks": [FeatureBank.status(), ...]}: the status line under
+                                      FeatureBank nodes is refreshed from it after every prompt (a
+                                      cached FeatureBank node does not run again)
+POST   /streamv2v/banks/{name}/clear  forget the bank's features and frame count (the node's Clear
+                                      button); {"status": {...}}
+DELETE /streamv2v/banks/{name}        drop the bank and release its memory; {"removed", "bytes"}
+
+``POST /free`` with ``free_memory`` (the "Free memory" button / API) also drops every bank
+and every stream state: an aiohttp middleware observes that request after ComfyUI handled
+it (ComfyUI's own handler is unchanged).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from aiohttp import web
+
+from ..streamv2v_core.bank import BANKS
+from .stream_engine import NODE_STREAMS
+
+log = logging.getLogger("streamv2v")
+MAX_NAME = 200
+_registered = False
+
+
+def _name(request: web.Request) -> str | None:
+    name = request.match_info["name"].strip()
+    return name if 0 < len(name) <= MAX_NAME else None
+
+
+async def get_banks(request: web.Request) -> web.Response:
+    statuses = [BANKS.get(name).status() for name in BANKS.names()]
+    return web.json_response({"banks": statuses}, headers={"Cache-Control": "no-store"})
+
+
+async def clear_bank(request: web.Request) -> web.Response:
+    name = _name(request)
+    bank = BANKS.find(name) if name else None
+    if bank is None:
+        return web.json_response({"error": f"no bank named {request.match_info['name'][:MAX_NAME]!r}"}, status=404)
+    bank.reset("cleared with the Clear bank button")
+    return web.json_response({"status": bank.status()})
+
+
+async def delete_bank(request: web.Request) -> web.Response:
+    name = _name(request)
+    bank = BANKS.find(name) if name else None
+    held = bank.nbytes() if bank is not None else 0
+    if bank is not None:
+        BANKS.remove(name)
+        bank.reset("deleted (memory released)")
+    return web.json_response({"removed": bank is not None, "bytes": held})
+
+
+def free_all(reason: str) -> int:
+    """Drop every bank and stream state; returns the bytes the banks held."""
+    held = BANKS.free(reason)
+    NODE_STREAMS.clear()
+    log.info("StreamV2V: %s released %.1f MiB of feature banks", reason, held / 2**20)
+    return held
+
+
+@web.middleware
+async def release_on_free(request: web.Request, handler):
+    """After ComfyUI's own ``POST /free`` with ``free_memory``, drop the banks too."""
+    response = await handler(request)
+    if request.method == "POST" and request.path.rstrip("/") in ("/free", "/api/free") and response.status == 200:
+        try:
+            body = json.loads(await request.read() or b"{}")
+        except ValueError:
+            body = {}
+        if isinstance(body, dict) and body.get("free_memory"):
+            free_all("ComfyUI's Free memory")
+    return response
+
+
+def register_bank_routes() -> bool:
+    """Add the routes (and the /free observer) to the running ComfyUI server, once; False without a server."""
+    global _registered
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None or _registered:
+        return _registered
+    routes = instance.routes
+    routes.get("/streamv2v/banks")(get_banks)
+    routes.post("/streamv2v/banks/{name}/clear")(clear_bank)
+    routes.delete("/streamv2v/banks/{name}")(delete_bank)
+    app = getattr(instance, "app", None)
+    if app is not None and not app.frozen:
+        app.middlewares.append(release_on_free)
+    else:
+        log.warning("StreamV2V: the server was already started; ComfyUI's Free memory will not release banks "
+                    "(use DELETE /streamv2v/banks/{name})")
+    _registered = True
+    return True

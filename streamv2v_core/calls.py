@@ -1,0 +1,209 @@
+"""One model call's view of a bank: which stored tokens each row reads and which rows it writes.
+
+A model call carries ``R = chunks * rows_per_chunk`` rows (``cond_or_uncond`` gives each
+chunk's flag, 0 positive / 1 negative). The driver says, per chunk row, which frame and
+denoising step it is (``RowPlan``). Before the UNet runs, ``BankCall`` turns that into
+host-side integers only: for every row its key, how many frames the bank holds for it,
+contiguous *segments* of rows whose stored tokens are one strided view, and the rows to
+write. Inside the forward the patches then only slice, concatenate and stage tensors
+(no tensor value is read on the host, no Python-list indexing); after the forward
+``flush()`` writes the staged rows into the bank (merges batched per shape group).
+
+Everything a patch object needs per call lives here, in an object made fresh for every
+model call and passed through ``transformer_options``; the patch objects themselves stay
+immutable, so ComfyUI may deep-copy or share them freely.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import extend_with_bank, feature_fusion
+from .bank import UNIT, FeatureBank, KeyWrite
+
+PLAN_KEY = "streamv2v_rows"  # transformer_options: the driver's RowPlan for this call
+CALLS_KEY = "streamv2v_calls"  # transformer_options: {bank name: BankCall} for this call
+NAMES = ("n", "o")  # EA's attention input, FF's attention output
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What each row of a chunk is: its frame index, denoising step and image slot.
+
+    frames, steps: one entry per row of a chunk (every chunk has the same rows).
+    total_steps: steps per frame (sizes the bank's storage).
+    slots: image index within a key (a KSampler batch); None = all 0 (one image per frame).
+    """
+
+    frames: tuple[int, ...]
+    steps: tuple[int, ...]
+    total_steps: int
+    slots: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Call rows ``start .. stop-1`` reading keys ``first, first + stride, ...`` that hold ``count`` frames.
+
+    ``count == 0``: those rows have no bank yet.
+    """
+
+    start: int
+    stop: int
+    first: int
+    stride: int
+    count: int
+
+
+class BankCall:
+    """Per-model-call reads, staged writes and flush for one bank. See module doc.
+
+    bank: the bank; plan: the driver's ``RowPlan``; flags: ``cond_or_uncond`` (one flag per
+    chunk); rows: the call's batch size (a multiple of ``len(flags)``).
+    """
+
+    def __init__(self, bank: FeatureBank, plan: RowPlan, flags, rows: int):
+        flags = [int(f) for f in (flags or [0])]
+        per_chunk = rows // len(flags)
+        if per_chunk * len(flags) != rows or len(plan.frames) != per_chunk or len(plan.steps) != per_chunk:
+            raise ValueError(f"a plan for {len(plan.frames)} rows per chunk does not fit a call of {rows} rows "
+                             f"in {len(flags)} chunks")
+        slots = plan.slots or (0,) * per_chunk
+        self.bank = bank
+        self.rows = [(flag, plan.steps[j], slots[j], plan.frames[j]) for flag in flags for j in range(per_chunk)]
+        self.geometry = (max(flags) + 1, plan.total_steps, max(slots) + 1)
+        self.deepest: dict[tuple, int] = {}  # latent (H, W) -> deepest resolution level seen in this call
+        self._writes = {name: self._plan_writes(name) for name in NAMES}
+        # Everything the forward reads is computed here, from host integers, and holds no frame
+        # numbers: under torch.compile it becomes guards, which then match call after call.
+        self._segments = {(name, geometry): self._build_segments(name, geometry)
+                          for name in NAMES for geometry in bank.geometries(name)}
+        self._staged: dict[str, dict] = {name: {} for name in NAMES}
+
+    # -- planning (host integers only) ---------------------------------------------------
+    def _plan_writes(self, name: str) -> tuple[list[slice], list[KeyWrite]]:
+        """Rows of this call that write ``name`` (update frames, each key once) as slices."""
+        chosen, seen = [], set()
+        for i, (flag, step, slot, frame) in enumerate(self.rows):
+            if (flag, step, slot) not in seen and self.bank.plans_write(name, flag, step, frame):
+                seen.add((flag, step, slot))
+                chosen.append(i)
+        slices = [slice(first, first + (count - 1) * stride + 1, stride)
+                  for first, count, stride in _arithmetic_runs(chosen)]
+        writes = [KeyWrite(*self.rows[i][:3], frame=self.rows[i][3]) for i in chosen]
+        return slices, writes
+
+    def segments(self, name: str, layer) -> list[Segment] | None:
+        """Row segments for reading ``name`` of ``layer``; None when the bank holds nothing for it."""
+        geometry = self.bank.geometry(name, layer)
+        return None if geometry is None else self._segments.get((name, geometry))
+
+    def _build_segments(self, name: str, geometry) -> list[Segment]:
+        _, steps, slots = geometry
+        segments: list[Segment] = []
+        for i, (flag, step, slot, _) in enumerate(self.rows):
+            count = self.bank.count(name, flag, step)
+            key = (flag * steps + step) * slots + slot
+            last = segments[-1] if segments else None
+            if last is not None and last.count == count and (
+                    count == 0 or (last.stop - last.start == 1 and key > last.first)
+                    or key == last.first + (last.stop - last.start) * last.stride):
+                stride = last.stride if last.stop - last.start > 1 or count == 0 else key - last.first
+                segments[-1] = Segment(last.start, i + 1, last.first, stride, count)
+            else:
+                segments.append(Segment(i, i + 1, key, 1, count))
+        return segments
+
+    def note_level(self, hw: tuple, level: int) -> None:
+        """Remember the deepest resolution level an encoder/middle block reached in this call."""
+        if level > self.deepest.get(hw, -1):
+            self.deepest[hw] = level
+
+    # -- inside the forward -------------------------------------------------------------
+    def extend(self, layer, tokens: torch.Tensor, stage: bool = True) -> torch.Tensor | None:
+        """EA: ``tokens`` ``[R, T, C]`` followed by each row's banked tokens -> ``[R, N, C]`` (or None).
+
+        Stages ``tokens`` for writing (unless ``stage`` is False). Rows without a bank are
+        padded with copies of their own tokens, which leaves attention unchanged; rows
+        holding different numbers of frames fall back to ``extend_with_bank``'s exact repetition.
+        """
+        if stage:
+            self._stage("n", layer, tokens)
+        segments = self._readable("n", layer, tokens)
+        if segments is None:
+            return None
+        counts = {s.count for s in segments if s.count}
+        if len(counts) > 1:
+            return extend_with_bank(tokens, self._per_row("n", layer, segments))
+        count = counts.pop()
+        parts = [tokens[s.start:s.stop].repeat(1, count, 1) if s.count == 0 else
+                 self.bank.view("n", layer, s.first, s.stop - s.start, s.stride, count) for s in segments]
+        return torch.cat([tokens, parts[0] if len(parts) == 1 else torch.cat(parts)], dim=1)
+
+    def extend_values(self, layer, values: torch.Tensor) -> torch.Tensor | None:
+        """EA's value side when another patch made it differ from the context: ``values`` padded alike."""
+        return self.extend(layer, values, stage=False)
+
+    def fuse(self, layer, out: torch.Tensor, alpha: float, threshold: float) -> torch.Tensor:
+        """FF: each row of ``out`` ``[R, T, C]`` fused with its nearest banked output (eq. 2)."""
+        self._stage("o", layer, out)
+        segments = self._readable("o", layer, out)
+        if segments is None:
+            return out
+        parts = []
+        for s in segments:
+            rows = out[s.start:s.stop]
+            if s.count:
+                n = s.stop - s.start
+                bank = self.bank.view("o", layer, s.first, n, s.stride, s.count)
+                bank_unit = self.bank.view("o" + UNIT, layer, s.first, n, s.stride, s.count)
+                rows = feature_fusion(rows, bank, alpha, threshold, bank_unit)
+            parts.append(rows)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _stage(self, name: str, layer, tokens: torch.Tensor) -> None:
+        if self._writes[name][1]:
+            self._staged[name][layer] = tokens
+
+    def _readable(self, name: str, layer, tokens: torch.Tensor) -> list[Segment] | None:
+        segments = self.segments(name, layer)
+        if segments is None or not any(s.count for s in segments):
+            return None
+        if self.bank.token_shape(name, layer) != tuple(tokens.shape[1:]):
+            return None  # another latent size than the bank's (its signature check resets it next run)
+        return segments
+
+    def _per_row(self, name: str, layer, segments: list[Segment]) -> list[torch.Tensor | None]:
+        banked: list[torch.Tensor | None] = []
+        for s in segments:
+            for r in range(s.stop - s.start):
+                banked.append(None if s.count == 0 else
+                              self.bank.view(name, layer, s.first + r * s.stride, 1, 1, s.count)[0])
+        return banked
+
+    # -- after the forward ---------------------------------------------------------------
+    def flush(self) -> None:
+        """Write the staged rows into the bank ("n" first: "o" reuses its DyMe matchings)."""
+        matchings = None
+        for name in NAMES:
+            staged, (rows, writes) = self._staged[name], self._writes[name]
+            if staged and writes:
+                matchings = self.bank.commit(name, staged, rows, writes, self.geometry, matchings)
+        self._staged = {name: {} for name in NAMES}
+
+
+def _arithmetic_runs(indices: list[int]) -> list[tuple[int, int, int]]:
+    """``indices`` (increasing) as maximal runs ``(first, count, stride)``."""
+    runs: list[tuple[int, int, int]] = []
+    for i in indices:
+        if runs:
+            first, count, stride = runs[-1]
+            if count == 1 and i > first:
+                runs[-1] = (first, 2, i - first)
+                continue
+            if i == first + count * stride:
+                runs[-1] = (first, count + 1, stride)
+                continue
+        runs.append((i, 1, 1))
+    return runs
