@@ -3,7 +3,7 @@
 The node installs a ``comfy.context_windows.IndexListContextHandler`` (ComfyUI's context windows:
 the model is evaluated chunk by chunk along the frame axis, each chunk gets its slice of the latent,
 timestep and conditioning, and the chunks' outputs are fused). Everything but the fusion is core's:
-the ``standard_static`` window schedule, cond resizing, ControlNet handling, and the memory estimate
+the ``standard_static`` window schedule, cond and timestep slicing, and the memory estimate
 for one chunk (``create_prepare_sampling_wrapper``). The fusion is a fuse method whose weights are
 0 or 1: for each frame, 1 for the one chunk that owns it at this step under StreamingT2V's rule
 (``streamv2v_core.chunks``), so core's weighted average returns exactly that chunk's output.
