@@ -28,7 +28,10 @@ OVERRIDES = {
     "EmptyLatentImage": {"width": SIZE, "height": SIZE},
 }
 VIDEO_MODEL = {"class_type": "TinyVideoModelLoader", "inputs": {"kind": "wan21", "seed": 0, "out_scale": 0.3}}
-VIDEO_SWAPS = {**TINY_SWAPS, "UNETLoader": VIDEO_MODEL, "CLIPLoader": {**VIDEO_MODEL, "outputs": {0: 1}},
+# The tiny SD1.5 checkpoint's CLIP (context 64) stands in for umT5; it also keeps that checkpoint in ComfyUI's
+# cache, so the workflows after this one get the same model object (banks restart when their model changes).
+VIDEO_SWAPS = {**TINY_SWAPS, "UNETLoader": VIDEO_MODEL, "CLIPLoader": {**TINY_SWAPS["CheckpointLoaderSimple"],
+                                                                      "outputs": {0: 1}},
                "VAELoader": {**VIDEO_MODEL, "outputs": {0: 2}}}
 LONG_CLIP, LONG_FRAMES = "streamv2v_workflow_test_long.mp4", 13  # 4 latent frames: chunks of 2, overlap 1
 VIDEO_OVERRIDES = {"LoadVideo": {"file": LONG_CLIP}, "RandomizedBlendContext": {"chunk_length": 2, "overlap": 1}}
