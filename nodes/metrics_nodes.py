@@ -8,16 +8,30 @@ Outputs: warp error (0..255 MSE scale, lower is steadier), flow score (OFS, px^2
 of the video the flow comes from), MAWE (warp error / flow score), scene cuts (PySceneDetect
 AdaptiveDetector on the output), CLIP consistency (mean cosine of consecutive frames' CLIP image
 embeddings x100; NaN when no CLIP vision model is connected), a plot of the per-pair warp error
-(IMAGE ``[1, 320, 640, 3]``) and a text summary (also shown on the node).
+(IMAGE ``[1, 320, 640, 3]``) and a text summary (also shown on the node); then (added later, so
+earlier links keep their slots) the std of the output's flow magnitude across frames (StreamingT2V
+appendix 9.3), and MAWE, scene cuts and that std at chunk seams only, when ``chunk_length`` gives
+the layout the video was sampled with (``StreamV2V Long-Video Chunks``).
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..streamv2v_core.metrics import clip_frame_consistency, mawe, plot_per_frame, scene_cuts
+from ..streamv2v_core.metrics import (
+    chunk_boundary_pairs,
+    clip_frame_consistency,
+    compute_flows,
+    flow_magnitudes,
+    mawe,
+    plot_per_frame,
+    scene_cut_frames,
+    seam_stats,
+)
+from .blend_nodes import advanced
 
 CATEGORY = "StreamV2V"
 CLIP_BATCH = 16  # frames per CLIP vision call
@@ -48,15 +62,32 @@ def clip_embeddings(clip_vision, images: torch.Tensor, batch: int = CLIP_BATCH) 
     return torch.cat(chunks).reshape(images.shape[0], -1)
 
 
-def summary_text(warp, flow_from, ofs, value, cuts, clip_score) -> str:
+def summary_text(warp, flow_from, ofs, value, cuts, clip_score, flow_std=None, seams=None) -> str:
     clip_line = "not measured (connect a CLIP vision model)" if math.isnan(clip_score) else f"{clip_score:.2f}"
-    return "\n".join([
+    lines = [
         f"warp error: {warp:.3f}  (0..255 MSE, flow from {flow_from}; lower is steadier)",
         f"flow score (OFS): {ofs:.3f} px^2",
         f"MAWE: {value:.4g}",
         f"scene cuts: {cuts}",
         f"CLIP frame consistency: {clip_line}",
-    ])
+    ]
+    if flow_std is not None:
+        lines.append(f"flow magnitude std: {flow_std:.3f} px  (output's own flow; lower is smoother)")
+    if seams is not None:
+        lines.append(f"at chunk seams ({len(seams.pairs)} frame pairs): MAWE {seams.mawe:.4g}, scene cuts "
+                     f"{seams.scene_cuts}, flow magnitude std {seams.flow_std:.3f} px")
+    return "\n".join(lines)
+
+
+def check_chunks(frames: int, chunk_length: int, chunk_overlap: int, frames_per_latent: int) -> None:
+    """Raise ValueError with the fix when the chunk layout cannot describe this video."""
+    if chunk_length and chunk_overlap >= chunk_length:
+        raise ValueError(f"chunk_overlap ({chunk_overlap}) must be smaller than chunk_length ({chunk_length}): use "
+                         f"the values set on the StreamV2V Long-Video Chunks node")
+    if chunk_length and (frames - 1) % frames_per_latent:
+        raise ValueError(f"{frames} frames cannot come from latents of {frames_per_latent} frames each (a video "
+                         f"model decodes 1 + {frames_per_latent}k frames): set frames_per_latent to 1 for image "
+                         f"models, or measure the VAE Decode output before any trimming")
 
 
 class StreamV2VMetrics(io.ComfyNode):
@@ -82,6 +113,15 @@ class StreamV2VMetrics(io.ComfyNode):
                 io.Int.Input("flow_size", default=0, min=0, max=4096, step=8, optional=True,
                              tooltip="Advanced: resize both videos to this square size before measuring flow "
                                      "metrics (StreamingT2V used 720). 0 keeps the frames' own size."),
+                io.Int.Input("chunk_length", default=0, min=0, max=16384, optional=True,
+                             tooltip="The chunk length the video was sampled with (StreamV2V Long-Video Chunks), "
+                                     "to measure the chunk seams on their own. 0: whole video only."),
+                io.Int.Input("chunk_overlap", default=8, min=0, max=16383, optional=True,
+                             tooltip="The overlap the video was sampled with (same units as chunk_length)."),
+                io.Int.Input("frames_per_latent", default=1, min=1, max=64, optional=True,
+                             **advanced(io.Int.Input, "Advanced: video frames per latent frame when the chunks "
+                                                      "counted latent frames: 1 for image models, 4 for Wan "
+                                                      "2.1/2.2 and HunyuanVideo, 8 for LTX-Video.")),
             ],
             outputs=[
                 io.Float.Output(display_name="warp_error",
@@ -97,26 +137,50 @@ class StreamV2VMetrics(io.ComfyNode):
                 io.Float.Output(display_name="clip_consistency",
                                 tooltip="Mean CLIP cosine similarity of consecutive frames x100 (NaN when no "
                                         "CLIP vision model is connected)."),
-                io.Image.Output(display_name="plot", tooltip="Warp error per consecutive frame pair, as an image."),
+                io.Image.Output(display_name="plot", tooltip="Warp error per consecutive frame pair, as an image "
+                                                             "(chunk seams shaded)."),
                 io.String.Output(display_name="summary", tooltip="All numbers as text."),
+                io.Float.Output(display_name="flow_std",
+                                tooltip="Std across frame pairs of the output's mean optical-flow magnitude (px; "
+                                        "StreamingT2V appendix 9.3): seams and jerks raise it, steady motion is 0."),
+                io.Float.Output(display_name="seam_mawe", tooltip="MAWE over the frame pairs at chunk seams only "
+                                                                  "(NaN without chunk_length)."),
+                io.Int.Output(display_name="seam_scene_cuts", tooltip="Scene cuts that fall on a chunk seam (-1 "
+                                                                      "without chunk_length)."),
+                io.Float.Output(display_name="seam_flow_std", tooltip="flow_std over the frame pairs at chunk "
+                                                                      "seams only (NaN without chunk_length)."),
             ],
         )
 
     @classmethod
-    def execute(cls, images, source_images=None, clip_vision=None, flow_size=0) -> io.NodeOutput:
+    def execute(cls, images, source_images=None, clip_vision=None, flow_size=0, chunk_length=0, chunk_overlap=8,
+                frames_per_latent=1) -> io.NodeOutput:
         check_videos(images, source_images)
+        check_chunks(images.shape[0], chunk_length, chunk_overlap, frames_per_latent)
         size = (int(flow_size), int(flow_size)) if flow_size else None
         motion = mawe(images, source_images, size=size)  # its warp error's flows serve both numbers
         warp = motion.warp
-        cuts = int(scene_cuts(images))
+        # Smoothness is the output's own motion: with a source the flows above are the source's.
+        magnitudes = motion.magnitude_per_pair if source_images is None else \
+            flow_magnitudes(compute_flows(images, size=size, backward=False))
+        flow_std = float(np.std(magnitudes))
+        cut_frames = scene_cut_frames(images)
+        cuts = len(cut_frames)
+        seams = None
+        if chunk_length:
+            pairs = chunk_boundary_pairs(images.shape[0], chunk_length, chunk_overlap, frames_per_latent)
+            seams = seam_stats(motion, magnitudes, cut_frames, pairs)
         clip_score = float("nan")
         if clip_vision is not None:
             clip_score = clip_frame_consistency(clip_embeddings(clip_vision, images))
         title = f"warp error per frame pair (flow from {warp.flow_from})"
-        plot = torch.from_numpy(plot_per_frame(warp.per_pair, title=title))[None]
-        text = summary_text(warp.mean, warp.flow_from, motion.flow_score, motion.mawe, cuts, clip_score)
+        plot = torch.from_numpy(plot_per_frame(warp.per_pair, title=title, marks=seams.pairs if seams else ()))[None]
+        text = summary_text(warp.mean, warp.flow_from, motion.flow_score, motion.mawe, cuts, clip_score, flow_std,
+                            seams)
         return io.NodeOutput(float(warp.mean), float(motion.flow_score), float(motion.mawe), cuts, clip_score,
-                             plot, text, ui=ui.PreviewText(text))
+                             plot, text, flow_std, seams.mawe if seams else float("nan"),
+                             seams.scene_cuts if seams else -1, seams.flow_std if seams else float("nan"),
+                             ui=ui.PreviewText(text))
 
 
 NODES = [StreamV2VMetrics]

@@ -14,9 +14,13 @@ cv2 = pytest.importorskip("cv2")
 
 from streamv2v.nodes.metrics_nodes import StreamV2VMetrics, clip_embeddings  # noqa: E402
 from streamv2v.streamv2v_core.metrics import (  # noqa: E402
+    chunk_boundary_pairs,
     clip_frame_consistency,
+    flow_magnitude_std,
     mawe,
+    scene_cut_frames,
     scene_cuts,
+    seam_stats,
     warp_error,
 )
 
@@ -48,7 +52,7 @@ def test_node_gives_the_metrics_functions_numbers():
     source = moving()
     output = flickering(source)
     result = run(images=output, source_images=source)
-    warp, ofs, value, cuts, clip_score, plot, summary = result.args
+    warp, ofs, value, cuts, clip_score, plot, summary, flow_std, seam_mawe, seam_cuts, seam_std = result.args
 
     expected_warp = warp_error(output, source)
     expected = mawe(output, source)
@@ -62,6 +66,24 @@ def test_node_gives_the_metrics_functions_numbers():
     assert 0.0 <= float(plot.min()) and float(plot.max()) <= 1.0
     assert f"{warp:.3f}" in summary and "flow from source" in summary and "not measured" in summary
     assert result.ui.as_dict() == {"text": (summary,)}
+    # smoothness is the output's own flow, even when the warp error's flow comes from the source
+    assert flow_std == pytest.approx(flow_magnitude_std(output), rel=1e-9)
+    assert math.isnan(seam_mawe) and seam_cuts == -1 and math.isnan(seam_std)  # no chunk layout given
+
+
+def test_node_measures_the_chunk_seams():
+    source = moving(T=17)
+    output = flickering(source)
+    args = run(images=output, chunk_length=3, chunk_overlap=1, frames_per_latent=4).args
+    flow_std, seam_mawe, seam_cuts, seam_std = args[7:]
+    motion = mawe(output)
+    pairs = chunk_boundary_pairs(17, 3, 1, frames_per_latent=4)
+    expected = seam_stats(motion, motion.magnitude_per_pair, scene_cut_frames(output), pairs)
+    assert pairs == [4, 8]
+    assert seam_mawe == pytest.approx(expected.mawe, rel=1e-9)
+    assert seam_std == pytest.approx(expected.flow_std, rel=1e-9) and seam_cuts == expected.scene_cuts == 0
+    assert flow_std == pytest.approx(flow_magnitude_std(output), rel=1e-9)
+    assert "at chunk seams (2 frame pairs)" in args[6]
 
 
 def test_without_source_flow_comes_from_the_output():
@@ -95,6 +117,16 @@ def test_static_video_is_perfectly_consistent():
 def test_clear_errors(images, source, message):
     with pytest.raises(ValueError) as info:
         run(images=images, source_images=source)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("chunks, message", [
+    ({"chunk_length": 4, "chunk_overlap": 4}, "chunk_overlap (4) must be smaller than chunk_length (4)"),
+    ({"chunk_length": 4, "chunk_overlap": 1, "frames_per_latent": 4}, "6 frames cannot come from latents of 4"),
+])
+def test_clear_errors_for_the_chunk_layout(chunks, message):
+    with pytest.raises(ValueError) as info:
+        run(images=moving(), **chunks)
     assert message in str(info.value)
 
 
@@ -137,8 +169,11 @@ def test_clip_consistency_uses_clip_vision_embeddings(tiny_clip_vision):
 def test_runs_in_comfyui(comfy_server):
     info = comfy_server.object_info("StreamV2VMetrics")["StreamV2VMetrics"]
     assert info["display_name"] == "StreamV2V Temporal Consistency"
-    assert info["output"] == ["FLOAT", "FLOAT", "FLOAT", "INT", "FLOAT", "IMAGE", "STRING"]
-    assert set(info["input"]["optional"]) == {"source_images", "clip_vision", "flow_size"}
+    # the first seven outputs keep their slots (saved workflows link them by index)
+    assert info["output"] == ["FLOAT", "FLOAT", "FLOAT", "INT", "FLOAT", "IMAGE", "STRING", "FLOAT", "FLOAT", "INT",
+                              "FLOAT"]
+    assert set(info["input"]["optional"]) == {"source_images", "clip_vision", "flow_size", "chunk_length",
+                                              "chunk_overlap", "frames_per_latent"}
     for section in info["input"].values():
         for name, spec in section.items():
             assert spec[1].get("tooltip"), f"input {name} has no tooltip"

@@ -3,8 +3,10 @@
 Each UI-format file is converted to an API prompt (tests/host/workflows.py) with the model loaders
 (CheckpointLoaderSimple, LoraLoaderModelOnly, VAELoader) swapped for the tests' tiny random-weight
 models, sizes cut to 64x64 and a short generated clip in the server's input folder standing in for the
-user's video. Everything else (ModelSamplingDiscrete, CLIPTextEncode, LoadVideo, the pack's nodes,
-CreateVideo/SaveVideo, SaveImage, ImageStitch, ...) runs as the user would run it.
+user's video. Video-model workflows (UNETLoader) get a tiny random Wan 2.1-shaped model, text encoder and VAE
+instead, and a 13-frame clip (1 + 4k frames, all kept by Wan's VAE) with small chunks. Everything else
+(ModelSamplingDiscrete, CLIPTextEncode, LoadVideo, the pack's nodes, CreateVideo/SaveVideo, SaveImage,
+ImageStitch, ...) runs as the user would run it.
 """
 import json
 import pathlib
@@ -25,6 +27,14 @@ OVERRIDES = {
     "ImageScale": {"width": SIZE, "height": SIZE},
     "EmptyLatentImage": {"width": SIZE, "height": SIZE},
 }
+VIDEO_MODEL = {"class_type": "TinyVideoModelLoader", "inputs": {"kind": "wan21", "seed": 0, "out_scale": 0.3}}
+# The tiny SD1.5 checkpoint's CLIP (context 64) stands in for umT5; it also keeps that checkpoint in ComfyUI's
+# cache, so the workflows after this one get the same model object (banks restart when their model changes).
+VIDEO_SWAPS = {**TINY_SWAPS, "UNETLoader": VIDEO_MODEL, "CLIPLoader": {**TINY_SWAPS["CheckpointLoaderSimple"],
+                                                                      "outputs": {0: 1}},
+               "VAELoader": {**VIDEO_MODEL, "outputs": {0: 2}}}
+LONG_CLIP, LONG_FRAMES = "streamv2v_workflow_test_long.mp4", 13  # 4 latent frames: chunks of 2, overlap 1
+VIDEO_OVERRIDES = {"LoadVideo": {"file": LONG_CLIP}, "RandomizedBlendContext": {"chunk_length": 2, "overlap": 1}}
 
 
 def make_clip(path, frames=FRAMES, size=80, fps=FPS):
@@ -39,7 +49,7 @@ def make_clip(path, frames=FRAMES, size=80, fps=FPS):
         for i in range(frames):
             img = np.full((size, size, 3), 60, np.uint8)
             img[:, (i * 7) % size: (i * 7) % size + 6] = 220
-            img[..., 2] = 40 + 20 * i
+            img[..., 2] = (40 + 20 * i) % 256
             out.mux(video.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
             n = rate // fps
             wave = 0.3 * np.sin(2 * np.pi * 440 * np.arange(sample, sample + n) / rate)
@@ -60,12 +70,16 @@ def video_frames(path):
 @pytest.fixture(scope="module")
 def server(comfy_server):
     make_clip(comfy_server.input_dir / CLIP)
+    make_clip(comfy_server.input_dir / LONG_CLIP, frames=LONG_FRAMES)
     comfy_server.info = comfy_server.object_info()
     return comfy_server
 
 
 def convert(server, path, **extra):
-    return to_api(json.loads(path.read_text()), server.info, TINY_SWAPS, {**OVERRIDES, **extra})
+    workflow = json.loads(path.read_text())
+    if any(node["type"] == "UNETLoader" for node in workflow["nodes"]):  # a video model
+        return to_api(workflow, server.info, VIDEO_SWAPS, {**OVERRIDES, **VIDEO_OVERRIDES, **extra})
+    return to_api(workflow, server.info, TINY_SWAPS, {**OVERRIDES, **extra})
 
 
 def get_json(url):
@@ -116,7 +130,7 @@ def banks(server):
 def test_workflow_runs(server, path):
     prompt = convert(server, path)
     classes = {e["class_type"] for e in prompt.values()}
-    assert {"CheckpointLoaderSimple", "LoraLoaderModelOnly", "VAELoader"}.isdisjoint(classes)
+    assert {"CheckpointLoaderSimple", "LoraLoaderModelOnly", "VAELoader", "UNETLoader"}.isdisjoint(classes)
     started = time.monotonic()
     live = any(e["class_type"] == "StreamV2VLoop" and e["inputs"]["source"] == "browser webcam"
                for e in prompt.values())
@@ -134,7 +148,7 @@ def test_workflow_runs(server, path):
     if "SaveVideo" in classes:
         (video,) = videos
         count, shape = video_frames(video)
-        assert count == FRAMES
+        assert count == (LONG_FRAMES if "TinyVideoModelLoader" in classes else FRAMES)
         stitched = "ImageStitch" in classes
         assert shape == (SIZE, 2 * SIZE + 8 if stitched else SIZE, 3)
     elif "StreamV2VLoop" in classes:
@@ -143,8 +157,8 @@ def test_workflow_runs(server, path):
         assert shape == (SIZE, SIZE, 3) and (count >= 3 if live else count == FRAMES)
     if "SaveImage" in classes:
         assert images
-    name = next(prompt[n]["inputs"]["name"] for n in bank_nodes)
-    assert banks(server)[name]["frames_seen"] > 0
+    for nid in bank_nodes:
+        assert banks(server)[prompt[nid]["inputs"]["name"]]["frames_seen"] > 0
 
 
 def test_continuous_txt2img_keeps_its_bank_across_queued_runs(server):

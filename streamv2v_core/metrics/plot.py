@@ -16,6 +16,7 @@ _AXIS = (40, 40, 40)
 _GRID = (225, 225, 225)
 _LINE = (31, 119, 180)
 _TEXT = (20, 20, 20)
+_MARK = (255, 224, 178)
 
 
 def _fmt(v: float) -> str:
@@ -26,7 +27,7 @@ def _fmt(v: float) -> str:
 
 def plot_per_frame(values: Any, title: str = "", width: int = 640, height: int = 320,
                    x_label: str = "frame pair", x_offset: int = 0,
-                   y_range: Optional[Sequence[float]] = None) -> np.ndarray:
+                   y_range: Optional[Sequence[float]] = None, marks: Sequence[int] = ()) -> np.ndarray:
     """Draw ``values`` as a line plot with axes, a title and min/max labels.
 
     Args:
@@ -37,6 +38,7 @@ def plot_per_frame(values: Any, title: str = "", width: int = 640, height: int =
         x_label: caption of the x axis.
         x_offset: index shown for the first value (x axis runs ``x_offset .. x_offset+N-1``).
         y_range: optional ``(lo, hi)`` for the y axis; default is the finite data's min/max.
+        marks: 0-based indices into ``values`` to shade behind the line (e.g. chunk seams).
 
     Returns:
         ``numpy.float32 [height, width, 3]`` in ``0..1`` (one ComfyUI IMAGE frame; add a leading
@@ -72,6 +74,12 @@ def plot_per_frame(values: Any, title: str = "", width: int = 640, height: int =
 
     if title:
         draw.text((left, 8), str(title), fill=_TEXT, font=font)
+    n = v.size
+    step = (x1 - x0) / max(n - 1, 1)
+    for i in marks:
+        if 0 <= i < n:
+            cx = x0 + (0.5 if n == 1 else i / (n - 1)) * (x1 - x0)
+            draw.rectangle([max(x0, cx - step / 2), y0, min(x1, cx + step / 2), y1], fill=_MARK)
     # grid + axes
     for frac in (0.25, 0.5, 0.75):
         yy = y1 - frac * (y1 - y0)
@@ -83,7 +91,6 @@ def plot_per_frame(values: Any, title: str = "", width: int = 640, height: int =
     draw.line([(x0 - 4, y0), (x0, y0)], fill=_AXIS)
     draw.line([(x0 - 4, y1), (x0, y1)], fill=_AXIS)
     # x labels
-    n = v.size
     draw.text((x0, y1 + 6), str(x_offset), fill=_TEXT, font=font)
     last = str(x_offset + n - 1)
     draw.text((x1 - 7 * len(last), y1 + 6), last, fill=_TEXT, font=font)

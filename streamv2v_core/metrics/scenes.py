@@ -17,7 +17,7 @@ import numpy as np
 
 from ._inputs import as_video, to_uint8
 
-__all__ = ["scene_cuts"]
+__all__ = ["scene_cut_frames", "scene_cuts"]
 
 
 def _make_stream_class():
@@ -116,6 +116,12 @@ def scene_cuts(frames: Any) -> int:
         previous cut, and the detector's window (2 frames each side) means no cut can be found in
         the first or last 2 frames.
     """
+    return len(scene_cut_frames(frames))
+
+
+def scene_cut_frames(frames: Any) -> list[int]:
+    """The frames where :func:`scene_cuts`' cuts fall: each is the first frame of a new scene
+    (a cut at ``f`` lies between frames ``f - 1`` and ``f``), sorted."""
     try:
         from scenedetect import SceneManager  # noqa: PLC0415
         from scenedetect.detectors import AdaptiveDetector  # noqa: PLC0415
@@ -129,4 +135,5 @@ def scene_cuts(frames: Any) -> int:
     manager.add_detector(AdaptiveDetector())
     manager.detect_scenes(video=stream)
     scenes = manager.get_scene_list(start_in_scene=True)
-    return max(0, len(scenes) - 1)
+    # PySceneDetect 0.7 names it frame_num (get_frames() is deprecated there); 0.6 has get_frames() only
+    return [int(getattr(start, "frame_num", None) or start.get_frames()) for start, _ in scenes[1:]]

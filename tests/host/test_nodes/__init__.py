@@ -167,3 +167,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "TinyMaxDifference": "Tiny Max Difference (test)",
     "TinySaveTensor": "Tiny Save Tensor (test)",
 }
+
+from .video_nodes import NODE_CLASS_MAPPINGS as _VIDEO_NODES, NODE_DISPLAY_NAME_MAPPINGS as _VIDEO_NAMES  # noqa: E402
+
+NODE_CLASS_MAPPINGS.update(_VIDEO_NODES)
+NODE_DISPLAY_NAME_MAPPINGS.update(_VIDEO_NAMES)
