@@ -38,6 +38,7 @@ log = logging.getLogger("streamv2v")
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 STAMP = struct.Struct("<d")
 STATUS_EVERY_S = 0.5
+REASK_S = 5.0  # a "ready" with no frame in answer for this long is sent again (e.g. the camera was not on yet)
 IDLE_STATUS = {"running": False, "stopped": False, "frames_in": 0, "taken": 0, "replaced": 0, "dropped": {},
                "frames_out": 0, "idle_s": None}
 
@@ -112,7 +113,7 @@ class _Link:
         self.unsubscribe = None
         self.ready_due = False
         self.sent_out = 0
-        self.last_frame_at = 0.0
+        self.asked_at: float | None = None  # when the last "ready" went out that no frame answered yet
 
     async def run(self) -> None:
         receiver = asyncio.create_task(self._receive())
@@ -170,17 +171,18 @@ class _Link:
         session = self.session
         if session is None or not session.wants_frame():
             return
-        # Also re-ask when this browser sent nothing for a second (its frame was replaced by
-        # another browser's, or a "ready" crossed a loop restart).
-        if self.ready_due or time.monotonic() - self.last_frame_at > 1.0:
+        # One "ready" per frame taken; asked again only when the last one went unanswered for
+        # long (sooner would make a slow browser send two frames, and the newer replace the older).
+        unanswered = self.asked_at is not None and time.monotonic() - self.asked_at > REASK_S
+        if self.ready_due or unanswered:
             self.ready_due = False
-            self.last_frame_at = time.monotonic()
+            self.asked_at = time.monotonic()
             await self.ws.send_str('{"type": "ready"}')
 
     async def _receive(self) -> None:
         async for message in self.ws:
             if message.type == WSMsgType.BINARY:
-                self.last_frame_at = time.monotonic()
+                self.asked_at = None
                 data = message.data
                 stamp = STAMP.unpack_from(data)[0] if len(data) >= STAMP.size else None
                 session = SESSIONS.find(self.name)

@@ -25,6 +25,7 @@ class WebcamPanel {
     this.stream = null;
     this.socket = null;
     this.sending = false;
+    this.wanted = false;  // the server said "ready": send one frame as soon as the camera can give one
     this.server = null;
     this.stats = { sent: 0, shown: 0, fps: 0, latencyMs: null, latencies: [] };
     this.shownAt = [];
@@ -76,6 +77,7 @@ class WebcamPanel {
       return;
     }
     this.video.srcObject = this.stream;
+    this.video.onplaying = () => this.sendFrame();
     await this.video.play();
     this.status.textContent = "webcam on: queue the prompt";
     this.connect();
@@ -96,7 +98,10 @@ class WebcamPanel {
   }
 
   onText(message) {
-    if (message.type === "ready") this.sendFrame();
+    if (message.type === "ready") {
+      this.wanted = true;
+      this.sendFrame();
+    }
     else if (message.type === "status") {
       this.server = message;
       this.render();
@@ -114,7 +119,10 @@ class WebcamPanel {
 
   async sendFrame() {
     const socket = this.socket;
-    if (this.sending || !socket || socket.readyState !== WebSocket.OPEN || !this.video.videoWidth) return;
+    if (!this.wanted || this.sending || !socket || socket.readyState !== WebSocket.OPEN || !this.video.videoWidth) {
+      return;
+    }
+    this.wanted = false;  // one frame per "ready": a second one would only replace this one on the server
     this.sending = true;
     try {
       const stamp = performance.now();

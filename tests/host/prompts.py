@@ -14,6 +14,6 @@ def loop_prompt(filename_prefix: str, **inputs) -> dict:
     return {**TINY, "3": {"class_type": "StreamV2VLoop", "inputs": loop}}
 
 
-def webcam_loop_prompt(session: str, filename_prefix: str) -> dict:
+def webcam_loop_prompt(session: str, filename_prefix: str, **inputs) -> dict:
     """Tiny model -> StreamV2VLoop on the browser-webcam source of ``session``, 64x64, 2 steps."""
-    return loop_prompt(filename_prefix, source="browser webcam", session=session, width=64, height=64)
+    return loop_prompt(filename_prefix, source="browser webcam", session=session, width=64, height=64, **inputs)
