@@ -21,15 +21,16 @@ NO_FILE = ("no file chosen: pick a video (or a folder of images) from ComfyUI's 
 
 
 def input_choices() -> list[str]:
-    """The input folder's videos and its subfolders that hold images (as ``name/``), for the file list."""
+    """For the file list: "" (none: a connected VIDEO or a live source), the input folder's videos, and its
+    subfolders that hold images (as ``name/``)."""
     root = folder_paths.get_input_directory()
     try:
         entries = sorted(os.listdir(root))
     except OSError:
-        return []
+        return [""]
     files = [e for e in entries if os.path.isfile(os.path.join(root, e))]
     folders = [f"{e}/" for e in entries if not e.startswith(".") and _holds_images(os.path.join(root, e))]
-    return folder_paths.filter_files_content_types(files, ["video"]) + folders
+    return ["", *folder_paths.filter_files_content_types(files, ["video"]), *folders]
 
 
 def _holds_images(path: str) -> bool:

@@ -18,7 +18,8 @@ def source_inputs(choices=SOURCES) -> list:
         io.Combo.Input("file", options=input_choices(), upload=io.UploadType.video,
                        tooltip="A video (or, for 'image folder', a folder of images, shown as 'name/') in ComfyUI's "
                                "input folder; upload one with the button. Files outside the input folder are never "
-                               "read." + (" Ignored when a VIDEO is connected or the source is live." if live else "")),
+                               "read." + (" Leave it empty when a VIDEO is connected or the source is live."
+                                          if live else "")),
         io.Int.Input("skip_first", default=0, min=0, max=10_000_000,
                      tooltip="Drop this many frames at the start of the source."),
         io.Int.Input("every_nth", default=1, min=1, max=1000,

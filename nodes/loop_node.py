@@ -110,7 +110,7 @@ class StreamV2VLoop(io.ComfyNode):
         session.start()
         try:
             status = NodeStatus(node_id, selected_count(reader.total, pick.skip_first, pick.every_nth,
-                                                        pick.max_frames))
+                                                        pick.max_frames), preview=not live)
             rate = origin.rate(reader, pick.every_nth)
             audio = reader.audio(pick.skip_first / float(reader.fps)) if reader.fps else None
             sink = LoopSink(prefix, rate, audio, status, session if live else None)

@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import torch
 
-from ..streamv2v_core.frames import fit_to
+from ..streamv2v_core.frames import fit_to, to_uint8
 from ..streamv2v_core.live_session import BrowserSession
 from ..streamv2v_core.mp4_writer import AudioFile, AudioSamples, Mp4Writer
 from .node_status import NodeStatus
@@ -48,12 +48,13 @@ class LoopSink:
                 self.output = reserve_output(self.prefix)
                 self.writer = Mp4Writer(self.output.path, self.size[1], self.size[0], self.rate, self.audio)
         image = fit_to(image, *self.size)
+        pixels = to_uint8(image)  # once, for the MP4, the browser and the preview
         if self.writer is not None:
-            self.writer.write(image)
+            self.writer.write(pixels)
         self.frames, self.last = self.frames + 1, image
         if self.session is not None:
-            self.session.publish(image, self.stamps.popleft() if self.stamps else None)
-        self.status.frame(self.frames, image, self.progress_text())
+            self.session.publish(pixels, self.stamps.popleft() if self.stamps else None)
+        self.status.frame(self.frames, pixels, self.progress_text())
 
     def fps(self) -> float:
         """Frames per second from the first frame to the last (0 before the second)."""

@@ -53,7 +53,7 @@ class StreamV2VWebcamEcho(io.ComfyNode):
         link = SESSIONS.get(session)
         pick = FramePick(width=width, height=height)
         sizer = pick.sizer()
-        status = NodeStatus(getattr(getattr(cls, "hidden", None), "unique_id", None), None)
+        status = NodeStatus(getattr(getattr(cls, "hidden", None), "unique_id", None), None, preview=False)
         sink = LoopSink(None, None, None, status, link)
         link.start()
         try:

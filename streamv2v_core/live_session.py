@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .frames import to_tensor, to_uint8
+from .frames import to_tensor
 
 log = logging.getLogger("streamv2v")
 
@@ -80,10 +80,9 @@ def decode_frame(encoded: bytes, fit: tuple[int, int] | None = None) -> torch.Te
     return to_tensor(rgb)
 
 
-def encode_jpeg(image: torch.Tensor, quality: int = 85) -> bytes:
-    """``[H, W, 3]`` in 0..1 -> JPEG bytes."""
-    ok, data = cv2.imencode(".jpg", cv2.cvtColor(to_uint8(image), cv2.COLOR_RGB2BGR),
-                            [cv2.IMWRITE_JPEG_QUALITY, quality])
+def encode_jpeg(pixels: np.ndarray, quality: int = 85) -> bytes:
+    """``uint8 [H, W, 3]`` RGB -> JPEG bytes."""
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise ValueError("JPEG encoding failed")
     return data.tobytes()
@@ -198,9 +197,9 @@ class BrowserSession:
         since = self.last_frame_at or self.started_at or self.used_at
         return time.monotonic() - since
 
-    def publish(self, image: torch.Tensor, stamp: float | None = None) -> None:
-        """Keep ``image [H, W, 3]`` as the newest restyled frame, with the stamp of its source frame."""
-        data = encode_jpeg(image)
+    def publish(self, pixels: np.ndarray, stamp: float | None = None) -> None:
+        """Keep ``pixels`` (uint8 ``[H, W, 3]``) as the newest restyled frame, with the stamp of its source frame."""
+        data = encode_jpeg(pixels)
         with self._ready:
             self.output = (data, stamp)
             self.frames_out += 1

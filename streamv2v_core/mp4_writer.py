@@ -80,11 +80,13 @@ class Mp4Writer:
             self.container.close()
             raise
 
-    def write(self, image: torch.Tensor) -> None:
-        """Encode ``image [height, width, 3]`` in 0..1 and mux it (and the audio up to its end)."""
+    def write(self, image: torch.Tensor | np.ndarray) -> None:
+        """Encode ``image [height, width, 3]`` (float in 0..1, or uint8 pixels) and mux it (and the audio up to
+        its end)."""
         if tuple(image.shape[:2]) != (self.height, self.width):
             raise ValueError(f"frame is {image.shape[1]}x{image.shape[0]}, the MP4 is {self.width}x{self.height}")
-        frame = av.VideoFrame.from_ndarray(to_uint8(image), format="rgb24")
+        pixels = image if isinstance(image, np.ndarray) else to_uint8(image)
+        frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
         if self.fps:
             frame.pts = self.frames
         else:

@@ -46,7 +46,7 @@ def test_newest_frame_wins_and_nothing_is_kept_without_a_loop():
     assert session.replaced == 1 and not session.wants_frame()
     assert session.take(0.1) == (b"b", 2.0) and session.taken == 1
     assert session.take(0.01) is None
-    session.publish(torch.zeros(16, 16, 3), 2.0)
+    session.publish(np.zeros((16, 16, 3), np.uint8), 2.0)
     assert session.output[1] == 2.0 and session.frames_out == 1
     session.stop()
     session.finish()
