@@ -140,7 +140,6 @@ def test_workflow_runs(server, path):
         assert status["name"] == prompt[nid]["inputs"]["name"] and "last_reset" in status
 
     stitched = "ImageStitch" in classes
-    assert videos
     for node_id, paths in files_by_node(server, entry).items():
         kind = prompt[node_id]["class_type"]
         for video in (p for p in paths if p.suffix == ".mp4"):

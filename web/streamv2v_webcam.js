@@ -13,6 +13,7 @@ const JPEG_QUALITY = 0.85;
 const STAMP_BYTES = 8;     // little-endian float64: performance.now() at capture
 const WINDOW_MS = 2000;    // frame rate over the last 2 s
 const LATENCIES = 60;      // latency: mean of the last 60 frames
+const FRESH_MS = 50;       // a frame captured ahead is sent only if it is younger than this
 
 function widgetValue(node, name, fallback) {
   const widget = node.widgets?.find((w) => w.name === name);
@@ -24,8 +25,8 @@ class WebcamPanel {
     this.node = node;
     this.stream = null;
     this.socket = null;
-    this.sending = false;
     this.wanted = false;  // the server said "ready": send one frame as soon as the camera can give one
+    this.prepared = null; // a frame captured ahead while the server works (see sendFrame)
     this.server = null;
     this.stats = { sent: 0, shown: 0, fps: 0, latencyMs: null, latencies: [], captureMs: [] };
     this.shownAt = [];
@@ -117,37 +118,51 @@ class WebcamPanel {
     return [Math.round(this.video.videoWidth * scale), Math.round(this.video.videoHeight * scale)];
   }
 
-  async sendFrame() {
+  // One message: the capture time (8 bytes) and the frame as JPEG, at the size the node asks for.
+  encodeFrame() {
+    const stamp = performance.now();
+    const [w, h] = this.captureSize();
+    const vw = this.video.videoWidth, vh = this.video.videoHeight;
+    const cover = Math.max(w / vw, h / vh);
+    const sw = w / cover, sh = h / cover;
+    this.capture.width = w;
+    this.capture.height = h;
+    this.capture.getContext("2d").drawImage(this.video, (vw - sw) / 2, (vh - sh) / 2, sw, sh, 0, 0, w, h);
+    // toDataURL encodes at once on this thread; toBlob queues the encoding on a low-priority worker, which a
+    // busy machine starves (half a second a frame measured on a loaded 2-core machine).
+    const url = this.capture.toDataURL("image/jpeg", JPEG_QUALITY);
+    const base64 = atob(url.slice(url.indexOf(",") + 1));
+    const message = new Uint8Array(STAMP_BYTES + base64.length);
+    new DataView(message.buffer).setFloat64(0, stamp, true);
+    for (let i = 0; i < base64.length; i++) message[STAMP_BYTES + i] = base64.charCodeAt(i);
+    this.stats.captureMs.push(performance.now() - stamp);
+    if (this.stats.captureMs.length > LATENCIES) this.stats.captureMs.shift();
+    return { stamp, message };
+  }
+
+  // On "ready": send the frame prepared after the last send if it is still fresh, else capture one now. When the
+  // server asks often, the next frame is prepared while it works on this one, which takes the capture off the
+  // link's critical path; its stamp is its capture time, so the latency shown includes the wait.
+  sendFrame() {
     const socket = this.socket;
-    if (!this.wanted || this.sending || !socket || socket.readyState !== WebSocket.OPEN || !this.video.videoWidth) {
-      return;
-    }
+    if (!this.wanted || !socket || socket.readyState !== WebSocket.OPEN || !this.video.videoWidth) return;
     this.wanted = false;  // one frame per "ready": a second one would only replace this one on the server
-    this.sending = true;
     try {
-      const stamp = performance.now();
-      const [w, h] = this.captureSize();
-      const vw = this.video.videoWidth, vh = this.video.videoHeight;
-      const cover = Math.max(w / vw, h / vh);
-      const sw = w / cover, sh = h / cover;
-      this.capture.width = w;
-      this.capture.height = h;
-      this.capture.getContext("2d").drawImage(this.video, (vw - sw) / 2, (vh - sh) / 2, sw, sh, 0, 0, w, h);
-      // toDataURL encodes at once on this thread; toBlob queues the encoding on a low-priority worker, which a
-      // busy machine starves (half a second a frame measured on a loaded 2-core machine).
-      const url = this.capture.toDataURL("image/jpeg", JPEG_QUALITY);
-      const base64 = atob(url.slice(url.indexOf(",") + 1));
-      const message = new Uint8Array(STAMP_BYTES + base64.length);
-      new DataView(message.buffer).setFloat64(0, stamp, true);
-      for (let i = 0; i < base64.length; i++) message[STAMP_BYTES + i] = base64.charCodeAt(i);
-      socket.send(message);
+      const now = performance.now();
+      let frame = this.prepared;
+      this.prepared = null;
+      if (!frame || now - frame.stamp > FRESH_MS) frame = this.encodeFrame();
+      socket.send(frame.message);
       this.stats.sent += 1;
-      this.stats.captureMs.push(performance.now() - stamp);  // capture + JPEG encoding, for the link's figures
-      if (this.stats.captureMs.length > LATENCIES) this.stats.captureMs.shift();
+      const gap = now - (this.lastSentAt ?? -Infinity);
+      this.lastSentAt = now;
+      if (gap < FRESH_MS) {
+        setTimeout(() => {
+          if (this.stream && !this.prepared && !this.wanted) this.prepared = this.encodeFrame();
+        }, 0);
+      }
     } catch (error) {
       this.status.textContent = `error: ${error.message}`;
-    } finally {
-      this.sending = false;
     }
   }
 
