@@ -15,6 +15,7 @@ import av
 import numpy as np
 import pytest
 
+from host.clips import make_clip
 from host.workflows import TINY_SWAPS, missing_nodes, output_nodes, to_api
 
 WORKFLOWS = sorted((pathlib.Path(__file__).resolve().parent.parent / "example_workflows").glob("*.json"))
@@ -27,30 +28,6 @@ OVERRIDES = {
 }
 
 
-def make_clip(path, frames=FRAMES, size=80, fps=FPS):
-    """An H.264 MP4 with a moving bar and an AAC tone (the workflows pass the audio through)."""
-    rate = 16000
-    with av.open(str(path), "w") as out:
-        video = out.add_stream("libx264", rate=fps)
-        video.width, video.height, video.pix_fmt = size, size, "yuv420p"
-        audio = out.add_stream("aac", rate=rate)
-        audio.layout = "mono"
-        sample = 0
-        for i in range(frames):
-            img = np.full((size, size, 3), 60, np.uint8)
-            img[:, (i * 7) % size: (i * 7) % size + 6] = 220
-            img[..., 2] = 40 + 20 * i
-            out.mux(video.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-            n = rate // fps
-            wave = 0.3 * np.sin(2 * np.pi * 440 * np.arange(sample, sample + n) / rate)
-            chunk = av.AudioFrame.from_ndarray(wave.astype(np.float32)[None], format="fltp", layout="mono")
-            chunk.sample_rate, chunk.pts = rate, sample
-            sample += n
-            out.mux(audio.encode(chunk))
-        out.mux(video.encode(None))
-        out.mux(audio.encode(None))
-
-
 def video_frames(path):
     with av.open(str(path)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
@@ -59,7 +36,7 @@ def video_frames(path):
 
 @pytest.fixture(scope="module")
 def server(comfy_server):
-    make_clip(comfy_server.input_dir / CLIP)
+    make_clip(comfy_server.input_dir / CLIP, frames=FRAMES, size=(80, 80), fps=FPS)  # with a tone: audio passes
     comfy_server.info = comfy_server.object_info()
     return comfy_server
 
