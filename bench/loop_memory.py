@@ -1,7 +1,7 @@
 """Constant memory of StreamV2VLoop: resident memory after 200 frames vs after a 2,000-frame run,
 for a file in the input folder and for the same file as a ComfyUI VIDEO (core LoadVideo's VideoFromFile).
 
-    .venv/bin/python -P bench/loop_memory.py [--frames 2000] [--check 200] [--steps 2] [--source both]
+    .venv/bin/python -P bench/loop_memory.py [--frames 2000] [--check 200] [--steps 2] [--source both] [--threads 1]
 
 Generates a 64x64 H.264 clip with a 440 Hz AAC tone, runs it file-to-file through the
 StreamV2VLoop node (in-process ComfyUI on the CPU, tiny random SD1.5 model with a DyMe
@@ -32,7 +32,7 @@ def run_one(args) -> None:
     sys.path.insert(0, str(REPO / "bench"))
     from _host import setup_host
 
-    setup_host("cpu")  # ComfyUI on the CPU and the pack as `streamv2v`
+    setup_host("cpu", threads=args.threads)  # ComfyUI on the CPU and the pack as `streamv2v`
     import av
     import torch
 
@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--check", type=int, default=200)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--source", choices=[*SOURCES, "both"], default="both")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: a busy machine stalls torch's thread pool, and memory is the point)")
     args = parser.parse_args()
     if args.source != "both":
         run_one(args)
@@ -100,7 +102,7 @@ def main() -> None:
     rows = []
     for source in SOURCES:
         command = [sys.executable, "-P", __file__, "--frames", str(args.frames), "--check", str(args.check),
-                   "--steps", str(args.steps), "--source", source]
+                   "--steps", str(args.steps), "--source", source, "--threads", str(args.threads)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         print("\n".join(line for line in output.splitlines() if not line.startswith("RESULT")), flush=True)
         _, name, count, check, end, seconds = output.strip().splitlines()[-1].split()
