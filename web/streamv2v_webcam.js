@@ -196,6 +196,9 @@ class WebcamPanel {
   }
 
   render() {
+    const now = performance.now();
+    if (now - (this.renderedAt ?? 0) < 250) return;  // the text at most 4 times a second: layout costs frames
+    this.renderedAt = now;
     const s = this.stats, server = this.server;
     const parts = [`${s.fps.toFixed(1)} fps`];
     if (s.latencyMs !== null) parts.push(`latency ${Math.round(s.latencyMs)} ms`);
