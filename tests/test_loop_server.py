@@ -251,3 +251,12 @@ def test_stop_before_the_first_frame_ends_cleanly_and_idle_is_shown(comfy_server
     assert comfy_server.output_files(entry) == []
     assert "stopped with the Stop button before the first frame: nothing written" in comfy_server.log_text()
     assert not os.path.exists(comfy_server.output_dir / "live" / "idle_00001_.mp4")
+
+
+def test_every_input_and_output_has_a_tooltip(comfy_server):
+    for node in ("StreamV2VLoop", "StreamV2VNextFrame", "StreamV2VWebcamEcho"):
+        spec = comfy_server.object_info(node)[node]
+        for group in ("required", "optional"):
+            for name, value in spec["input"].get(group, {}).items():
+                assert value[1].get("tooltip"), f"{node}.{name} has no tooltip"
+        assert all(spec["output_tooltips"]), node
