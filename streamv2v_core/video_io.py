@@ -25,7 +25,6 @@ from typing import Iterator
 
 import av
 import cv2
-import numpy as np
 import torch
 
 from .frames import selected_count, to_tensor

@@ -4,7 +4,6 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from streamv2v.streamv2v_core.frames import FrameResizer, StreamSizer
