@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 from aiohttp import web
 
@@ -24,7 +23,6 @@ from .stream_engine import NODE_STREAMS
 
 log = logging.getLogger("streamv2v")
 MAX_NAME = 200
-_registered = False
 
 
 def _name(request: web.Request) -> str | None:
@@ -78,22 +76,13 @@ async def release_on_free(request: web.Request, handler):
     return response
 
 
-def register_bank_routes() -> bool:
-    """Add the routes (and the /free observer) to the running ComfyUI server, once; False without a server."""
-    global _registered
-    server = sys.modules.get("server")
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if instance is None or _registered:
-        return _registered
-    routes = instance.routes
+def add_bank_routes(routes, app) -> None:
+    """Add the bank routes, and the /free observer to ``app`` (before the server starts)."""
     routes.get("/streamv2v/banks")(get_banks)
     routes.post("/streamv2v/banks/{name}/clear")(clear_bank)
     routes.delete("/streamv2v/banks/{name}")(delete_bank)
-    app = getattr(instance, "app", None)
     if app is not None and not app.frozen:
         app.middlewares.append(release_on_free)
     else:
         log.warning("StreamV2V: the server was already started; ComfyUI's Free memory will not release banks "
                     "(use DELETE /streamv2v/banks/{name})")
-    _registered = True
-    return True

@@ -24,9 +24,10 @@ import torch  # noqa: E402
 import folder_paths  # noqa: E402
 from host import tiny_models  # noqa: E402
 from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch  # noqa: E402
-from streamv2v.nodes.loop_nodes import StreamV2VLoop  # noqa: E402
+from streamv2v.nodes.loop_node import StreamV2VLoop  # noqa: E402
 from streamv2v.streamv2v_core.metrics import mawe, scene_cuts, warp_error  # noqa: E402
-from streamv2v.streamv2v_core.video_io import Mp4Writer, VideoFileSource  # noqa: E402
+from streamv2v.streamv2v_core.mp4_writer import Mp4Writer  # noqa: E402
+from streamv2v.streamv2v_core.video_io import VideoFileSource  # noqa: E402
 
 
 def make_clip(path: pathlib.Path, frames: int, size: int, fps: int = 12) -> None:
@@ -59,6 +60,7 @@ def main() -> None:
     out = pathlib.Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     folder_paths.set_output_directory(str(out))
+    folder_paths.set_input_directory(str(out))  # the loop reads only from ComfyUI's input folder
 
     clip = out / "input.mp4"
     make_clip(clip, args.frames, args.size)
@@ -76,7 +78,7 @@ def main() -> None:
     for name, m in (("no bank", model), ("DyMe bank", banked)):
         handle.bank.reset("demo run")
         start = time.perf_counter()
-        result = StreamV2VLoop.execute(m, positive, negative, vae, "video file", str(clip),
+        result = StreamV2VLoop.execute(m, positive, negative, vae, source="video file", file=clip.name,
                                        filename_prefix=f"demo_{name.split()[0].lower()}", seed=0)
         seconds = time.perf_counter() - start
         path, frames = result.args[0], result.args[2]

@@ -221,15 +221,16 @@ def test_a_video_queued_in_chunks_gives_the_frames_of_one_run(comfy_server, fixe
         parts.append(tensors_of(comfy_server, comfy_server.run(prompt)))
     torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=1e-4)
 
-    http(comfy_server, "POST", f"/streamv2v/banks/{name}/clear")
-    next_frame = {"frames": {"class_type": "StreamV2VNextFrame", "inputs": {
-        "source": "video file", "path": clip, "skip_first": 0, "every_nth": 1, "width": 0, "height": 0,
-        "resize_mode": "crop", "cursor": f"auto-{fixed_noise}", "reset": False, "at_end": "stop"}}}
-    auto = [tensors_of(comfy_server, comfy_server.run(chunk_prompt(next_frame, name, "continue", fixed_noise,
-                                                                   f"chunks/auto{i}")))
-            for i in range(CLIP_FRAMES)]  # Auto Queue: the same prompt, unchanged, once per frame
-    torch.testing.assert_close(torch.cat(auto), whole, rtol=0, atol=1e-4)
-    assert banks(comfy_server)[name]["frames_seen"] == CLIP_FRAMES
+    for count in (8, 1):  # Auto Queue: the same prompt, unchanged, re-queued; Next Frame advances each time
+        http(comfy_server, "POST", f"/streamv2v/banks/{name}/clear")
+        next_frames = {"frames": {"class_type": "StreamV2VNextFrame", "inputs": {
+            "source": "video file", "file": clip, "skip_first": 0, "every_nth": 1, "width": 0, "height": 0,
+            "resize_mode": "crop", "cursor": f"auto-{fixed_noise}-{count}", "reset": False, "at_end": "stop",
+            "count": count}}}
+        prompt = chunk_prompt(next_frames, name, "continue", fixed_noise, f"chunks/auto{count}")
+        auto = [tensors_of(comfy_server, comfy_server.run(prompt)) for _ in range(CLIP_FRAMES // count)]
+        torch.testing.assert_close(torch.cat(auto), whole, rtol=0, atol=1e-4)
+        assert banks(comfy_server)[name]["frames_seen"] == CLIP_FRAMES
 
 
 # --------------------------------------------------------------------------- comfystream-style API workflows

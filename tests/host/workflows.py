@@ -6,8 +6,11 @@
 How widgets map: a node's ``widgets_values`` hold one value per widget input, in the schema's input order
 (``input_order`` in /object_info: required, then optional); an input declared with
 ``control_after_generate`` (and, as the frontend does, any INT input named seed or noise_seed unless declared
-otherwise) is followed by its control value ("fixed", "randomize", ...), and an upload
-combo (``image_upload`` / ``video_upload``) may be followed by the upload button's value: both are skipped.
+otherwise) is followed by its control value ("fixed", "randomize", ...), which is skipped. The frontend adds
+an upload combo's button (``image_upload`` / ``video_upload``) and DOM widgets after all of those, so values
+past the node's widgets are ignored.
+A dynamic combo (ComfyUI 0.38's SaveVideo ``format``) is followed by its chosen option's widgets, which the
+prompt names with dots (``format.codec``).
 A linked input takes the link; its widget value (if any) is dropped.
 
 Frontend-only nodes (Note, MarkdownNote, PrimitiveNode, ...) are dropped; Reroute nodes are followed; muted
@@ -25,7 +28,7 @@ import copy
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode"}  # PrimitiveInt & co. are real server nodes
 REROUTE = "Reroute"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-UPLOAD_KEYS = ("image_upload", "video_upload", "audio_upload", "upload")
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"  # ComfyUI 0.38: a combo whose choice brings its own widgets
 
 TINY = {"class_type": "TinyCheckpointLoader", "inputs": {"kind": "sd15", "seed": 0, "vae": "taesd"}}
 TINY_SWAPS = {
@@ -39,18 +42,29 @@ class WorkflowError(ValueError):
     pass
 
 
-def widget_inputs(spec: dict) -> list[tuple[str, dict]]:
-    """[(name, options)] of the inputs a node shows as widgets, in the frontend's order."""
-    order = spec.get("input_order") or {g: list(spec["input"].get(g, {})) for g in ("required", "optional")}
+def _ordered(inputs: dict, order: dict | None = None) -> list[tuple[str, object, dict]]:
+    """[(name, kind, options)] of an INPUT_TYPES-style dict, required first, in the frontend's order."""
+    order = order or {g: list(inputs.get(g) or {}) for g in ("required", "optional")}
     out = []
     for group in ("required", "optional"):
         for name in order.get(group, []):
-            value = spec["input"][group][name]
-            kind = value[0]
+            value = inputs[group][name]
             opts = value[1] if len(value) > 1 and isinstance(value[1], dict) else {}
-            if isinstance(kind, list) or kind in WIDGET_TYPES:
-                out.append((name, {**opts, "control_after_generate": has_control(name, kind, opts)}))
+            out.append((name, value[0], opts))
     return out
+
+
+def is_widget(kind, opts: dict) -> bool:
+    """Whether the frontend shows this input as a widget (with a value in ``widgets_values``)."""
+    if opts.get("forceInput"):
+        return False
+    return isinstance(kind, list) or kind in WIDGET_TYPES or kind == DYNAMIC_COMBO
+
+
+def widget_inputs(spec: dict) -> list[tuple[str, dict]]:
+    """[(name, options)] of the top-level inputs a node shows as widgets, in the frontend's order."""
+    return [(name, {**opts, "control_after_generate": has_control(name, kind, opts)})
+            for name, kind, opts in _ordered(spec["input"], spec.get("input_order")) if is_widget(kind, opts)]
 
 
 def has_control(name: str, kind, opts: dict) -> bool:
@@ -63,31 +77,48 @@ def has_control(name: str, kind, opts: dict) -> bool:
 
 
 def map_widgets(node: dict, spec: dict) -> dict:
-    """{input name: value} from a UI node's ``widgets_values``."""
+    """{input name: value} from a UI node's ``widgets_values``.
+
+    A dynamic combo (ComfyUI 0.38's ``COMFY_DYNAMICCOMBO_V3``, e.g. SaveVideo's ``format``) is followed by the
+    widgets of its chosen option, recursively; the prompt names them with dots (``format.codec``), as the
+    frontend does and the server re-nests them.
+    """
     values = node.get("widgets_values")
     if values is None:
         return {}
     if isinstance(values, dict):  # some frontends store named values
         return dict(values)
-    names = widget_inputs(spec)
-    expected = len(names) + sum(1 for _, o in names if o.get("control_after_generate"))
-    extra = len(values) - expected  # upload button values, when present
-    result, i = {}, 0
-    for name, opts in names:
-        if i >= len(values):
-            break
-        result[name] = values[i]
-        i += 1
-        if opts.get("control_after_generate"):
-            i += 1
-        if extra > 0 and any(opts.get(k) for k in UPLOAD_KEYS):
-            i += 1
-            extra -= 1
+    result: dict = {}
+    _walk(_ordered(spec["input"], spec.get("input_order")), values, 0, "", result)
     return result
 
 
-def to_api(workflow: dict, object_info: dict, swaps: dict | None = None, overrides: dict | None = None) -> dict:
-    """The API prompt for a UI-format ``workflow``; node ids are kept (as strings)."""
+def _walk(items, values: list, i: int, prefix: str, result: dict) -> int:
+    """Assign ``values[i:]`` to the widgets of ``items``; returns the next index."""
+    for name, kind, opts in items:
+        if not is_widget(kind, opts):
+            continue
+        if i >= len(values):
+            break
+        key = prefix + name
+        result[key] = values[i]
+        i += 1
+        if has_control(name, kind, opts):
+            i += 1
+        if kind == DYNAMIC_COMBO:
+            chosen = next((o for o in opts.get("options") or [] if o.get("key") == result[key]), None)
+            if chosen is not None:
+                i = _walk(_ordered(chosen.get("inputs") or {}), values, i, key + ".", result)
+    return i
+
+
+def to_api(workflow: dict, object_info: dict, swaps: dict | None = None, overrides: dict | None = None,
+           allow_missing: bool = False) -> dict:
+    """The API prompt for a UI-format ``workflow``; node ids are kept (as strings).
+
+    ``allow_missing``: nodes of types the server does not have (another pack's, see ``missing_nodes``) are
+    left out, and links from them kept, to check the rest of a workflow that needs that pack.
+    """
     swaps = swaps or {}
     nodes = {n["id"]: n for n in workflow["nodes"]}
     links = {}
@@ -139,6 +170,8 @@ def to_api(workflow: dict, object_info: dict, swaps: dict | None = None, overrid
         if swap and "bypass" in swap:
             continue
         if kind not in object_info:
+            if allow_missing:
+                continue
             raise WorkflowError(f"node {node_id}: type {kind!r} is not registered on the server")
         inputs = map_widgets(node, object_info[kind])
         for inp in node.get("inputs") or []:
@@ -159,6 +192,21 @@ def to_api(workflow: dict, object_info: dict, swaps: dict | None = None, overrid
             if entry["class_type"] == kind:
                 entry["inputs"].update(copy.deepcopy(values))
     return prompt
+
+
+def missing_nodes(workflow: dict, object_info: dict) -> dict[int, str]:
+    """{node id: pack} of nodes whose type the server lacks; each must name its pack (``properties.cnr_id``, as
+    ComfyUI saves it and ComfyUI-Manager uses to offer the install), else WorkflowError."""
+    missing = {}
+    for node in workflow["nodes"]:
+        if node["type"] in object_info or node["type"] in FRONTEND_ONLY or node["type"] == REROUTE:
+            continue
+        pack = (node.get("properties") or {}).get("cnr_id")
+        if not pack:
+            raise WorkflowError(f"node {node['id']}: type {node['type']!r} is not on the server and names no pack "
+                                f"(properties.cnr_id)")
+        missing[node["id"]] = pack
+    return missing
 
 
 def output_nodes(prompt: dict, object_info: dict) -> list[str]:

@@ -1,0 +1,78 @@
+"""Positions in a source that outlive a prompt (StreamV2VNextFrame): a bounded registry of open cursors."""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+
+import torch
+
+from ..streamv2v_core.frames import select_frames, selected_count
+from ..streamv2v_core.video_io import shortfall
+from .loop_sources import FramePick, SourceChoice
+
+log = logging.getLogger("streamv2v")
+
+MAX_CURSORS = 16  # each holds an open file; the least recently used is closed first
+
+
+class FrameCursor:
+    """An open source and the index of the next frame it gives; ``key`` names what it was opened with."""
+
+    def __init__(self, key: tuple, origin: SourceChoice, pick: FramePick):
+        self.key, self.pick = key, pick
+        self.reader = origin.open()
+        self.sizer = pick.sizer()
+        self.total = selected_count(self.reader.total, pick.skip_first, pick.every_nth)
+        self.frames = select_frames(self.reader, pick.skip_first, pick.every_nth)
+        self.index = 0
+
+    def next(self) -> torch.Tensor | None:
+        """The next frame ``[H, W, 3]`` (at the cursor's one size), or None at the end."""
+        frame = next(self.frames, None)
+        if frame is None:
+            short = shortfall(self.reader, self.index, self.pick.skip_first, self.pick.every_nth)
+            if short:
+                log.warning("StreamV2V cursor: %s", short)
+            return None
+        self.index += 1
+        return self.sizer(frame)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class CursorRegistry:
+    """Named frame cursors that outlive a prompt, at most ``limit``; ``reset()`` closes and forgets them."""
+
+    def __init__(self, limit: int = MAX_CURSORS):
+        self._cursors: collections.OrderedDict[str, FrameCursor] = collections.OrderedDict()
+        self.lock = threading.RLock()
+        self.limit = limit
+
+    def get(self, name: str) -> FrameCursor | None:
+        with self.lock:
+            cursor = self._cursors.get(name)
+            if cursor is not None:
+                self._cursors.move_to_end(name)
+            return cursor
+
+    def put(self, name: str, cursor: FrameCursor) -> None:
+        with self.lock:
+            self.reset(name)
+            while len(self._cursors) >= self.limit:
+                self._cursors.popitem(last=False)[1].close()
+            self._cursors[name] = cursor
+
+    def reset(self, name: str | None = None) -> None:
+        with self.lock:
+            for key in ([name] if name is not None else list(self._cursors)):
+                cursor = self._cursors.pop(key, None)
+                if cursor is not None:
+                    cursor.close()
+
+    def __len__(self) -> int:
+        return len(self._cursors)
+
+
+CURSORS = CursorRegistry()

@@ -1,0 +1,207 @@
+"""StreamV2VLoop: a source streamed frame by frame through the stream engine into an MP4, with a live preview."""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+
+from comfy_api.latest import io, ui
+from comfy_execution.graph_utils import ExecutionBlocker
+
+import comfy.model_management
+
+from ..streamv2v_core.frames import selected_count
+from ..streamv2v_core.live_session import SESSIONS, check_session_name
+from ..streamv2v_core.video_io import shortfall
+from .input_files import check_input, modified_time
+from .loop_inputs import source_inputs
+from .loop_sink import LoopSink, drops_text
+from .loop_sources import BROWSER, LIVE_SOURCES, VIDEO_FILE, FramePick, FrameStream, SourceChoice, from_inputs
+from .node_status import NodeStatus
+from .output_files import check_prefix
+from .sampler_nodes import CATEGORY, stream_inputs, stream_settings
+from .stream_engine import run_stream
+from .video_input import video_output
+
+log = logging.getLogger("streamv2v")
+
+DEFAULT_PREFIX = "StreamV2V/loop"
+OUTPUTS = 5
+_runs_cut_short = 0  # part of the file sources' fingerprint: a stopped or cancelled run is re-run when queued again
+
+
+class StreamV2VLoop(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        shared = stream_inputs()
+        return io.Schema(
+            node_id="StreamV2VLoop",
+            display_name="StreamV2V Loop (video / camera / webcam -> MP4)",
+            category=CATEGORY,
+            description="Pulls frames one by one from a video (a file in ComfyUI's input folder or a connected VIDEO), "
+                        "an image folder, a camera or the browser's webcam, restyles each with the StreamV2V stream "
+                        "engine (as StreamV2V Sampler) and writes it to an MP4 in the output folder as soon as it is "
+                        "ready (with the source's audio and frame rate), with a live preview. Memory stays constant "
+                        "for any length. Live sources run until you press Cancel or the node's Stop button; either "
+                        "way the MP4 keeps every frame and is shown.",
+            inputs=[*shared[:4],
+                    io.Video.Input("video", optional=True,
+                                   tooltip="A VIDEO to restyle (core Load Video, or any node that gives one), with "
+                                           "source 'video file'; read frame by frame from its file when it has one. "
+                                           "Replaces 'file'."),
+                    *source_inputs(),
+                    io.Int.Input("max_frames", default=0, min=0, max=100_000_000,
+                                 tooltip="Stop after this many frames (0 = the whole source; live sources run "
+                                         "until stopped)."),
+                    io.Int.Input("camera_index", default=0, min=0, max=64,
+                                 tooltip="camera source: OpenCV device index on the server (0 = /dev/video0)."),
+                    io.String.Input("session", default="webcam",
+                                    tooltip="Name linking the node's webcam/Stop buttons in the browser to this "
+                                            "run (letters, digits, '_', '-', '.'; up to 64); use different names "
+                                            "for several loop nodes."),
+                    io.Float.Input("fps", default=0.0, min=0.0, max=240.0, step=0.5,
+                                   tooltip="Frame rate of the MP4 for sources without one (image folder; "
+                                           "0 = 24). Videos keep theirs; camera and webcam use the clock."),
+                    io.String.Input("filename_prefix", default=DEFAULT_PREFIX,
+                                    tooltip="MP4 name in the output folder ('folder/name'); a new file each run, "
+                                            "an existing one is never replaced."),
+                    *shared[4:]],
+            outputs=[io.String.Output(display_name="video_path", tooltip="Absolute path of the MP4 written."),
+                     io.Image.Output(display_name="last_frame", tooltip="The last restyled frame [1, H, W, 3]."),
+                     io.Int.Output(display_name="frames", tooltip="Number of frames written."),
+                     io.Video.Output(display_name="video",
+                                     tooltip="The MP4 written, as a VIDEO (core Save Video, Get Video Components)."),
+                     io.String.Output(display_name="report",
+                                      tooltip="What happened: frames written, dropped live frames, a source that "
+                                              "ended early, a stop.")],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, source=VIDEO_FILE, file="", session="webcam", filename_prefix=DEFAULT_PREFIX):
+        try:
+            check_prefix(filename_prefix)
+            check_session_name(session)
+        except ValueError as error:
+            return str(error)
+        problem = check_input(file) if source not in LIVE_SOURCES else None
+        return problem or True
+
+    @classmethod
+    def fingerprint_inputs(cls, source=VIDEO_FILE, file="", **kwargs):
+        # Live sources give new frames every run; files re-run when they or the inputs change.
+        if source in LIVE_SOURCES:
+            return float("nan")
+        return f"{file}|{modified_time(file) if str(file).strip() else ''}|{_runs_cut_short}"
+
+    @classmethod
+    def execute(cls, model, positive, negative, vae, video=None, **inputs) -> io.NodeOutput:
+        settings = stream_settings(**inputs)
+        settings.check()
+        pick = from_inputs(FramePick, inputs)
+        origin = from_inputs(SourceChoice, inputs)
+        prefix = check_prefix(inputs.get("filename_prefix", DEFAULT_PREFIX))
+        session = SESSIONS.get(inputs.get("session", "webcam"))
+        node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        sizer = pick.sizer()
+        reader = origin.open(video, session, sizer, status=lambda: status)
+        live = origin.source == BROWSER and video is None
+        session.start()
+        try:
+            status = NodeStatus(node_id, selected_count(reader.total, pick.skip_first, pick.every_nth,
+                                                        pick.max_frames), preview=not live)
+            rate = origin.rate(reader, pick.every_nth)
+            audio = reader.audio(pick.skip_first / float(reader.fps)) if reader.fps else None
+            sink = LoopSink(prefix, rate, audio, status, session if live else None)
+            stream = FrameStream(reader, pick, sizer, session, sink.stamps)
+            interrupted = _run(model, positive, negative, vae, stream, settings, sink, origin,
+                               f"StreamV2VLoop {node_id}" if node_id is not None else None)
+        finally:
+            session.finish()
+            reader.close()
+        return _outputs(sink, stream, reader, pick, interrupted)
+
+
+def _run(model, positive, negative, vae, stream, settings, sink, origin, stream_key) -> bool:
+    """Run the engine over ``stream`` into ``sink``; True if cancelled after frames were written.
+
+    ``stream_key`` names the stream when the model has no bank (``bank_start`` continue carries the
+    frame numbers, noise and filter on from this node's previous run)."""
+    frames = iter(stream)
+    try:
+        try:
+            first = next(frames, None)
+            if first is None:
+                if stream.stopped:
+                    return False
+                raise ValueError(f"no frames left from the {origin.source} after skipping {stream.pick.skip_first} "
+                                 f"(every {stream.pick.every_nth}th kept)")
+            run_stream(model, positive, negative, vae, itertools.chain([first], frames), settings, sink.put,
+                       stream_key=stream_key, who="StreamV2V Loop")
+        finally:
+            sink.close()
+    except comfy.model_management.InterruptProcessingException:
+        if not sink.frames:
+            raise
+        return True
+    return False
+
+
+def _outputs(sink: LoopSink, stream: FrameStream, reader, pick: FramePick, interrupted: bool) -> io.NodeOutput:
+    global _runs_cut_short
+    notes = []
+    if interrupted:
+        notes.append("cancelled: the MP4 keeps every frame written")
+    elif stream.stopped:
+        notes.append("stopped with the Stop button" + ("" if sink.frames else " before the first frame: nothing "
+                                                        "written"))
+    elif not (pick.max_frames and stream.read >= pick.max_frames):
+        short = shortfall(reader, stream.read, pick.skip_first, pick.every_nth)
+        if short:
+            log.warning("StreamV2V loop: %s", short)
+            notes.append(f"WARNING: {short}")
+    if interrupted or stream.stopped:
+        _runs_cut_short += 1
+    notes += [t for t in (drops_text(sink.session), _skipped_text(reader), _rescaled_text(stream)) if t]
+    if sink.frames:
+        h, w = sink.size
+        head = f"wrote {sink.frames} frames ({w}x{h}) to {os.path.join(sink.output.subfolder, sink.output.filename)}"
+    else:
+        head = "no frames written"
+    report = "; ".join([head, *notes])
+    log.info("StreamV2V loop: %s", report)
+    sink.status.say(report)
+    if not sink.frames:
+        blocked = ExecutionBlocker(None)  # nothing to pass on: what follows does not run
+        return io.NodeOutput(blocked, blocked, 0, blocked, report)
+    saved = ui.PreviewVideo([ui.SavedResult(sink.output.filename, sink.output.subfolder, io.FolderType.output)])
+    if interrupted:
+        # The preview and the history entry keep the MP4, nothing downstream runs, and the cancel
+        # goes on to the rest of the prompt (this node consumed ComfyUI's interrupt flag).
+        comfy.model_management.interrupt_current_processing(True)
+        return io.NodeOutput(*_blocked(OUTPUTS), ui=saved)
+    path = sink.output.path
+    return io.NodeOutput(path, sink.last[None], sink.frames, video_output(path), report, ui=saved)
+
+
+def _blocked(count: int) -> list:
+    return [ExecutionBlocker(None) for _ in range(count)]
+
+
+def _skipped_text(reader) -> str:
+    skipped = getattr(reader, "skipped", None)
+    if not skipped:
+        return ""
+    names = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+    return f"skipped {len(skipped)} unreadable images ({names})"
+
+
+def _rescaled_text(stream: FrameStream) -> str:
+    sizer = stream.sizer
+    if not sizer.rescaled:
+        return ""
+    return f"{sizer.rescaled} frames of another size were scaled to {sizer.size[1]}x{sizer.size[0]}"
+
+
+NODES = [StreamV2VLoop]

@@ -1,0 +1,151 @@
+"""From the loop nodes' inputs to a stream of frames: which source, which frames, what size."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from fractions import Fraction
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+import comfy.model_management
+
+from ..streamv2v_core.frames import FrameResizer, StreamSizer, select_frames
+from ..streamv2v_core.live_session import BrowserSession, live_frames
+from ..streamv2v_core.video_io import CameraSource, ImageFolderSource, VideoFileSource
+from .input_files import resolve_input
+from .node_status import NodeStatus
+from .video_input import open_video
+
+log = logging.getLogger("streamv2v")
+
+VIDEO_FILE, IMAGE_FOLDER, CAMERA, BROWSER = "video file", "image folder", "camera", "browser webcam"
+SOURCES = (VIDEO_FILE, IMAGE_FOLDER, CAMERA, BROWSER)
+FILE_SOURCES = (VIDEO_FILE, IMAGE_FOLDER)
+LIVE_SOURCES = (CAMERA, BROWSER)
+
+
+def from_inputs(cls, inputs: dict):
+    """A ``cls`` dataclass from the node inputs it has fields for (missing ones keep their defaults)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in inputs.items() if k in names and v is not None})
+
+
+@dataclass(frozen=True)
+class FramePick:
+    """Which frames of the source are used, and at what size."""
+
+    skip_first: int = 0
+    every_nth: int = 1
+    max_frames: int = 0
+    width: int = 0
+    height: int = 0
+    resize_mode: str = "crop"
+
+    def sizer(self) -> StreamSizer:
+        """Checks the size options (ValueError naming the fix) and returns a sizer for one stream."""
+        return StreamSizer(FrameResizer(self.width, self.height, self.resize_mode))
+
+
+@dataclass(frozen=True)
+class SourceChoice:
+    """Where frames come from."""
+
+    source: str = VIDEO_FILE
+    file: str = ""
+    camera_index: int = 0
+    fps: float = 0.0  # for image folders
+
+    def open(self, video: Any = None, session: BrowserSession | None = None, sizer: StreamSizer | None = None,
+             status: Callable[[], NodeStatus] | None = None):
+        """An open reader (``streamv2v_core.video_io`` protocol); errors before any work.
+
+        A connected ``video`` is the source when ``source`` is "video file"; the browser
+        source reads ``session`` and needs the stream's ``sizer`` and the node's ``status()``.
+        """
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if video is not None:
+            if self.source != VIDEO_FILE:
+                raise ValueError(f"a VIDEO is connected but source is {self.source!r}: set source to "
+                                 f"'{VIDEO_FILE}' to restyle the connected video, or disconnect it")
+            return open_video(video)
+        if self.source == VIDEO_FILE:
+            return VideoFileSource(resolve_input(self.file))
+        if self.source == IMAGE_FOLDER:
+            return ImageFolderSource(resolve_input(self.file))
+        if self.source == CAMERA:
+            return CameraSource(self.camera_index)
+        return BrowserSource(session, sizer, status)
+
+    def rate(self, reader, every_nth: int) -> Fraction | None:
+        """The MP4's frame rate: the source's (over ``every_nth``), the image folder's, or None (wall clock)."""
+        if self.source == IMAGE_FOLDER and reader.fps is None:
+            return Fraction(self.fps or 24).limit_denominator(1001)
+        return Fraction(reader.fps) / every_nth if reader.fps else None
+
+
+class BrowserSource:
+    """The browser webcam of a session as a reader: yields (frame, stamp) until Stop.
+
+    While no frame comes it says so on the node (``status()`` gives the node's NodeStatus)
+    instead of hanging silently, and honours Cancel.
+    """
+
+    fps = total = ended_early = None
+    total_exact = False
+    name = "browser webcam"
+
+    def __init__(self, session: BrowserSession, sizer: StreamSizer, status: Callable[[], NodeStatus]):
+        self.session, self.sizer, self.status = session, sizer, status
+        self.said = 0
+
+    def audio(self, skip_seconds: float = 0.0) -> None:
+        return None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, float | None]]:
+        return live_frames(self.session, self.sizer.hint, self._idle)
+
+    def _idle(self, seconds: float) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if seconds >= 2.0 and int(seconds) != self.said:  # about once a second
+            self.said = int(seconds)
+            self.status().say(f"waiting for webcam frames: none for {seconds:.0f} s (press 'Start webcam' on the "
+                              f"node, or Stop)")
+
+    def close(self) -> None:
+        pass
+
+
+class FrameStream:
+    """The frames a loop runs on: picked, sized, checked for cancel and Stop between frames.
+
+    Iterate it once; afterwards ``read`` (frames given) and ``stopped`` (Stop pressed) say how
+    it ended. With ``stamps`` (a deque), items are (frame, stamp) pairs and each frame's stamp
+    is appended to it when the frame is given, for the sink to send back with its output.
+    """
+
+    def __init__(self, reader: Iterable, pick: FramePick, sizer: StreamSizer, session: BrowserSession,
+                 stamps=None):
+        self.reader, self.pick, self.sizer, self.session, self.stamps = reader, pick, sizer, session, stamps
+        self.read = 0
+        self.stopped = False
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        p = self.pick
+        for item in select_frames(self._until_stopped(), p.skip_first, p.every_nth, p.max_frames):
+            if self.stamps is not None:
+                item, stamp = item
+                self.stamps.append(stamp)
+            self.read += 1
+            yield self.sizer(item)
+
+    def _until_stopped(self):
+        for item in self.reader:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if self.session.stopped:
+                break
+            yield item
+        if self.session.stopped:
+            self.stopped = True
+            log.info("StreamV2V loop: stop requested (session %r)", self.session.name)

@@ -1,0 +1,98 @@
+"""StreamV2VNextFrame: the next frame(s) of a video or image folder on every run, for Auto Queue."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy_api.latest import io
+
+from .frame_cursors import CURSORS, FrameCursor
+from .input_files import check_input
+from .loop_inputs import source_inputs
+from .loop_sources import FILE_SOURCES, FramePick, SourceChoice, from_inputs
+from .sampler_nodes import CATEGORY
+
+log = logging.getLogger("streamv2v")
+
+
+class StreamV2VNextFrame(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StreamV2VNextFrame",
+            display_name="StreamV2V Next Frame (per queue)",
+            category=CATEGORY,
+            description="Gives the next frame (or the next `count` frames) of a video or image folder every time the "
+                        "prompt runs: for Auto Queue, which then restyles a long video one chunk per run with our "
+                        "nodes alone. The position is kept between prompts under the cursor name; a FeatureBank with "
+                        "a fixed name keeps the bank too. (comfystream only accepts graphs whose frame input is "
+                        "LoadImage/LoadTensor: use example_workflows/streamv2v_comfystream_api.json there.)",
+            inputs=[*source_inputs(FILE_SOURCES),
+                    io.String.Input("cursor", default="default",
+                                    tooltip="Name of the position kept between prompts; nodes with the same "
+                                            "name share it."),
+                    io.Boolean.Input("reset", default=False,
+                                     tooltip="Start again from the first frame on this run (turn it off again "
+                                             "to advance). Reset the bank with the FeatureBank node's reset."),
+                    io.Combo.Input("at_end", options=["loop", "stop"], default="loop",
+                                   tooltip="After the last frame: loop back to the first, or stop with an error "
+                                           "(ends Auto Queue)."),
+                    io.Int.Input("count", default=1, min=1, max=4096, optional=True,
+                                 tooltip="Frames per run: an IMAGE batch of up to this many (fewer at the end of "
+                                         "the source). Larger batches let StreamV2V Sampler use its stream batch."),
+                    ],
+            outputs=[io.Image.Output(display_name="image", tooltip="The frames [count, H, W, 3], in order."),
+                     io.Int.Output(display_name="index", tooltip="Number of the first of them in the picked frames, "
+                                                                 "from 0."),
+                     io.Int.Output(display_name="total", tooltip="Picked frames in the source (0 if unknown).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, file=""):
+        return check_input(file) or True
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return float("nan")  # new frames on every run
+
+    @classmethod
+    def execute(cls, cursor="default", reset=False, at_end="loop", count=1, **inputs) -> io.NodeOutput:
+        pick = from_inputs(FramePick, inputs)
+        origin = from_inputs(SourceChoice, inputs)
+        if origin.source not in FILE_SOURCES:
+            raise ValueError(f"source must be one of {FILE_SOURCES}, got {origin.source!r}")
+        key = (origin, pick)
+        name = str(cursor)
+        with CURSORS.lock:
+            current = CURSORS.get(name)
+            if current is None or current.key != key or reset:
+                if current is not None:
+                    log.info("StreamV2V cursor %r restarts: %s", name,
+                             "reset requested" if reset else "source or options changed")
+                current = _restart(name, key, origin, pick)
+            first = current.index
+            frames = _take(current, count)
+            if not frames:
+                if at_end == "stop" or current.index == 0:
+                    raise ValueError(f"StreamV2V cursor {name!r}: end of the source after {current.index} frames "
+                                     f"(set at_end to 'loop' or reset to start again)")
+                log.info("StreamV2V cursor %r: end of the source, looping to the first frame", name)
+                current = _restart(name, key, origin, pick)
+                first, frames = 0, _take(current, count)
+            return io.NodeOutput(torch.stack(frames), first, current.total or 0)
+
+
+def _restart(name: str, key: tuple, origin: SourceChoice, pick: FramePick) -> FrameCursor:
+    cursor = FrameCursor(key, origin, pick)
+    CURSORS.put(name, cursor)
+    return cursor
+
+
+def _take(cursor: FrameCursor, count: int) -> list[torch.Tensor]:
+    frames = []
+    while len(frames) < count and (frame := cursor.next()) is not None:
+        frames.append(frame)
+    return frames
+
+
+NODES = [StreamV2VNextFrame]

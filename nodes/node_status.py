@@ -1,0 +1,45 @@
+"""A running node's progress bar (with the newest frame as preview) and its status text."""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+
+import comfy.utils
+
+from .previews import preview_of
+
+PREVIEW_INTERVAL_S = 0.1  # previews and texts at most this often: encoding one per frame costs real time
+
+
+class NodeStatus:
+    """Progress, preview and a text line under the node; updates are rate-limited.
+
+    ``preview`` False: no preview image (the browser webcam panel on the node already shows every frame, and
+    encoding and drawing a second copy costs the live link frames).
+    """
+
+    def __init__(self, node_id, total: int | None, preview: bool = True):
+        self.node_id, self.total, self.preview = node_id, total, preview
+        self.progress = comfy.utils.ProgressBar(total or 1, node_id=node_id)
+        self.shown = 0.0
+        self.text = ""
+
+    def frame(self, count: int, image: torch.Tensor | np.ndarray, text: str) -> None:
+        """``count`` frames done, the newest ``image [H, W, 3]`` (float in 0..1, or uint8 pixels)."""
+        now = time.monotonic()
+        if now - self.shown < PREVIEW_INTERVAL_S and count != self.total:
+            return
+        self.shown = now
+        self.progress.update_absolute(count, self.total or count, preview_of(image) if self.preview else None)
+        self.say(text)
+
+    def say(self, text: str) -> None:
+        """Show ``text`` on the node when a ComfyUI server runs (no-op in-process)."""
+        self.text = text
+        server = sys.modules.get("server")
+        instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+        if instance is not None and self.node_id is not None and hasattr(instance, "send_progress_text"):
+            instance.send_progress_text(text, self.node_id)

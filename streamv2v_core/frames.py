@@ -1,0 +1,149 @@
+"""Picking and sizing the frames of a stream (pure torch).
+
+``select_frames`` applies skip / every n-th / cap to any iterable, ``FrameResizer`` brings a
+frame to a target size, and ``StreamSizer`` holds a whole stream at one size (the target, or
+the first frame's), so a frame of another size is scaled instead of restarting the stream.
+Frames are ``Tensor[H, W, 3]`` float32 in 0..1.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterable, Iterator, TypeVar
+
+import numpy as np
+import torch
+
+log = logging.getLogger("streamv2v")
+Item = TypeVar("Item")
+
+
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """``uint8 [H, W, 3]`` RGB -> ``float32 [H, W, 3]`` in 0..1.
+
+    Converted with numpy in one pass: torch's elementwise ops on a busy CPU wait on their
+    thread pool (30x slower measured on a loaded 2-core machine), and this runs per frame.
+    """
+    return torch.from_numpy(np.divide(rgb[..., :3], np.float32(255), dtype=np.float32))
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """``[H, W, 3]`` in 0..1 (any device or float dtype) -> ``uint8 [H, W, 3]`` (contiguous), rounded."""
+    pixels = np.multiply(image.detach()[..., :3].to("cpu", torch.float32).numpy(), np.float32(255))
+    np.clip(pixels, 0, 255, out=pixels)
+    return np.rint(pixels, out=pixels).astype(np.uint8)
+
+
+def select_frames(frames: Iterable[Item], skip_first: int = 0, every_nth: int = 1, max_frames: int = 0) -> Iterator[Item]:
+    """Drop ``skip_first`` items, then keep every ``every_nth``, at most ``max_frames`` (0 = all)."""
+    kept = 0
+    for index, frame in enumerate(frames):
+        if index < skip_first or (index - skip_first) % every_nth:
+            continue
+        yield frame
+        kept += 1
+        if max_frames and kept >= max_frames:
+            return
+
+
+def selected_count(total: int | None, skip_first: int = 0, every_nth: int = 1, max_frames: int = 0) -> int | None:
+    """How many frames ``select_frames`` gives from ``total`` (None when unknown)."""
+    if total is None:
+        return max_frames or None
+    count = max(0, math.ceil((total - skip_first) / every_nth))
+    return min(count, max_frames) if max_frames else count
+
+
+class FrameResizer:
+    """Brings frames to one size that is a multiple of ``multiple``.
+
+    width/height 0 keep the source's (one of them 0: keep the aspect ratio). ``mode``
+    "crop" scales to cover the target and cuts the centre, "stretch" scales to it.
+    The result is then centre-cropped down to a multiple of ``multiple`` (at most 7 pixels).
+    """
+
+    def __init__(self, width: int = 0, height: int = 0, mode: str = "crop", multiple: int = 8):
+        if mode not in ("crop", "stretch"):
+            raise ValueError(f"resize mode must be 'crop' or 'stretch', got {mode!r}")
+        if width < 0 or height < 0:
+            raise ValueError(f"width and height must be 0 (source size) or positive, got {width}x{height}")
+        if (width and width < multiple) or (height and height < multiple):
+            raise ValueError(f"target size {width}x{height} is too small: use at least {multiple} pixels")
+        self.width, self.height, self.mode, self.multiple = int(width), int(height), mode, multiple
+
+    def target(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) a ``height x width`` frame is scaled to, before the multiple-of crop."""
+        if self.width and self.height:
+            return self.height, self.width
+        if self.width:
+            return max(1, round(height * self.width / width)), self.width
+        if self.height:
+            return self.height, max(1, round(width * self.height / height))
+        return height, width
+
+    def __call__(self, frame: torch.Tensor) -> torch.Tensor:
+        """``[h, w, 3]`` -> ``[H, W, 3]``."""
+        h, w = frame.shape[:2]
+        th, tw = self.target(h, w)
+        if (th, tw) != (h, w):
+            if self.mode == "crop":
+                scale = max(th / h, tw / w)
+                sh, sw = max(th, round(h * scale)), max(tw, round(w * scale))
+            else:
+                sh, sw = th, tw
+            chw = frame.permute(2, 0, 1)[None]
+            frame = torch.nn.functional.interpolate(chw, size=(sh, sw), mode="bilinear", antialias=True,
+                                                    align_corners=False)[0].permute(1, 2, 0).clamp_(0, 1)
+            frame = center_crop(frame, th, tw)
+        m = self.multiple
+        return center_crop(frame, max(m, th // m * m), max(m, tw // m * m))
+
+
+class StreamSizer:
+    """Holds a stream at one size: the resizer's target, or (width/height 0) the first frame's.
+
+    The stream engine needs one size per stream, and restarting it at whatever size arrives
+    resets the feature bank and can cost minutes a frame (one 2000x2000 webcam frame), so a
+    frame of another size is scaled (cover + centre crop) to the stream's size instead.
+    """
+
+    def __init__(self, resizer: FrameResizer):
+        self.resizer = resizer
+        self.size: tuple[int, int] | None = None  # (height, width) once the first frame fixed it
+        self.rescaled = 0
+
+    def hint(self) -> tuple[int, int] | None:
+        """(height, width) frames will end up at, when known: decoders may decode smaller."""
+        if self.size is not None:
+            return self.size
+        if self.resizer.width and self.resizer.height:
+            return self.resizer.height, self.resizer.width
+        return None
+
+    def __call__(self, frame: torch.Tensor) -> torch.Tensor:
+        """``[h, w, 3]`` -> ``[H, W, 3]`` at the stream's size."""
+        frame = self.resizer(frame)
+        size = tuple(frame.shape[:2])
+        if self.size is None:
+            self.size = size
+        elif size != self.size:
+            if not self.rescaled:
+                log.warning("StreamV2V: a frame of %dx%d in a %dx%d stream: scaled to the stream's size "
+                            "(logged once per run)", size[1], size[0], self.size[1], self.size[0])
+            self.rescaled += 1
+            frame = fit_to(frame, *self.size)
+        return frame
+
+
+def center_crop(frame: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The centre ``[height, width, C]`` of ``frame [h, w, C]`` (contiguous)."""
+    h, w = frame.shape[:2]
+    top, left = max(0, (h - height) // 2), max(0, (w - width) // 2)
+    return frame[top:top + height, left:left + width].contiguous()
+
+
+def fit_to(frame: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Scale ``frame [h, w, 3]`` to ``[height, width, 3]`` (cover and centre-crop) if it differs."""
+    if tuple(frame.shape[:2]) == (height, width):
+        return frame
+    return FrameResizer(width, height, "crop", multiple=1)(frame)
