@@ -19,8 +19,9 @@ full stream batch):
 Banks: none, DyMe(1) interval 4 (the paper), DyMe(1) interval 1, queue(4) interval 4, all with
 EA on every block and FF with its defaults.
 
-Columns: per output frame; "host ms outside the UNet" = wall time minus time inside the
-UNet forward, per frame (meaningful with ``--model tiny``, where the UNet is cheap);
+Columns: per output frame; "host ms outside UNet and VAE" = wall time minus the time inside
+the UNet forward and the VAE's encode/decode, per frame: the engine's own Python work and
+ComfyUI's sampler glue (meaningful with ``--model tiny``, where the UNet is cheap);
 "time vs floor" = wall time per frame / the floor's (meaningful with ``--model full``).
 On CUDA, syncs are also counted by PyTorch itself (``torch.cuda.set_sync_debug_mode``).
 
@@ -63,6 +64,32 @@ class Probe:
         return out
 
     timing = False
+
+
+class VaeClock:
+    """Time spent encoding and decoding (the bench times DeviceCodec; the engine itself is not changed)."""
+
+    def __init__(self, device):
+        from streamv2v.nodes import device_vae
+
+        self.device, self.seconds = device, 0.0
+        for name in ("encode", "decode"):
+            setattr(device_vae.DeviceCodec, name, self._timed(getattr(device_vae.DeviceCodec, name)))
+
+    def _timed(self, fn):
+        def timed(codec, *args):
+            if not self.running:
+                return fn(codec, *args)
+            sync(self.device)
+            started = time.perf_counter()
+            try:
+                return fn(codec, *args)
+            finally:
+                sync(self.device)
+                self.seconds += time.perf_counter() - started
+        return timed
+
+    running = False
 
 
 def probed(model, probe):
@@ -133,13 +160,14 @@ def measure(args, torch, unet, vae, cond, label, mode, size, interval, path, fra
     }
     # Timed run (no counting modes: they cost more than the work).
     probe.timing, probe.inside = True, 0.0
+    VAE_CLOCK.running, VAE_CLOCK.seconds = True, 0.0
     sync(args.device)
     started = time.perf_counter()
     outputs = run_path(path, model, cond, vae, frames, key)
     sync(args.device)
     wall = time.perf_counter() - started
-    probe.timing = False
-    return counts, wall / outputs, (wall - probe.inside) / outputs
+    probe.timing, VAE_CLOCK.running = False, False
+    return counts, wall / outputs, (wall - probe.inside - VAE_CLOCK.seconds) / outputs
 
 
 @contextlib.contextmanager
@@ -196,8 +224,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parse_common(parser)
     parser.add_argument("--frames", type=int, default=0, help="counted/timed frames per row (0: 4 on CPU, 32 on CUDA)")
-    parser.add_argument("--banks", default="all", help="comma-separated bank rows (default all)")
-    parser.add_argument("--paths", default="all", help="comma-separated paths (default all)")
+    parser.add_argument("--banks", default="all", help="bank rows, separated by ';' (default all)")
+    parser.add_argument("--paths", default="all", help="paths, separated by ';' (default all)")
     args = parser.parse_args()
     torch, dtype = setup(args)
     args.frames = args.frames or (32 if args.device == "cuda" else 4)
@@ -205,13 +233,15 @@ def main() -> None:
         args.size = 256
     from host import tiny_models as tm
 
+    global VAE_CLOCK
+    VAE_CLOCK = VaeClock(args.device)
     unet = build_unet(args, dtype)
     vae = tm.tiny_taesd_vae(1)
     cond = conditioning(args)
     frames = list(moving_texture(args.size, args.frames, seed=2))
     base_counts, base_time = floor(args, torch, unet, vae, cond)
-    banks = BANKS if args.banks == "all" else [b for b in BANKS if b[0] in args.banks.split(",")]
-    paths = PATHS if args.paths == "all" else [p for p in PATHS if p in args.paths.split(",")]
+    banks = BANKS if args.banks == "all" else [b for b in BANKS if b[0] in args.banks.split(";")]
+    paths = PATHS if args.paths == "all" else [p for p in PATHS if p in args.paths.split(";")]
     rows = []
     for path in paths:
         for label, mode, size, interval in banks:
@@ -222,7 +252,7 @@ def main() -> None:
     print(f"\n# Hot path per output frame — {args.model} SD1.5 UNet, {args.size}x{args.size}, {STEPS} steps, "
           f"TAESD, {args.dtype}, {device_name(args.device)}, {args.frames} frames per row\n")
     print("| path | bank | UNet calls | kernels | vs no bank | views | syncs in UNet forward | other syncs "
-          "| host ms outside UNet | s / frame | time vs floor |")
+          "| host ms outside UNet and VAE | s / frame | time vs floor |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| floor (1 UNet call + TAESD) | - | 1 | {base_counts['kernels']} | | {base_counts['views']} | "
           f"{base_counts['syncs']} | | | {base_time:.3f} | 1.00x |")

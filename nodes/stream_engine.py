@@ -137,6 +137,7 @@ class StreamState:
     in_flight: InFlight | None = None
     in_flight_inputs: collections.deque = field(default_factory=collections.deque)  # host images, oldest first
     last_image: torch.Tensor | None = None
+    schedule: tuple | None = None  # (what it was made from, sigma values, first step from pure noise)
 
 
 class _NodeStreams:
@@ -344,8 +345,11 @@ def run_stream(model, positive, negative, vae, frames: Iterable[torch.Tensor], s
     guider.set_conds(positive, negative)
     guider.set_cfg(settings.cfg)
     sampling = model.get_model_object("model_sampling")
-    sigma_values = strength_sigmas(sampling, settings.steps, settings.strength)
-    full_noise_first = sigma_values[0] >= float(sampling.sigma_max) * (1 - 1e-5)
+    schedule_key = (id(sampling), int(settings.steps), float(settings.strength))
+    if state.schedule is None or state.schedule[0] != schedule_key:  # read once per stream, not per run
+        values = strength_sigmas(sampling, settings.steps, settings.strength)
+        state.schedule = (schedule_key, values, values[0] >= float(sampling.sigma_max) * (1 - 1e-5))
+    _, sigma_values, full_noise_first = state.schedule
     steps = len(sigma_values) - 1
     run = _Run(state, banks, settings, on_output, in_flight_mode, steps)
 

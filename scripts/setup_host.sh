@@ -96,6 +96,26 @@ if [[ ! -x /usr/bin/chromium ]]; then
     fi
 fi
 
+# ---------------------------------------------------------------- real footage (best effort)
+# tests/test_similarity_footage.py reads 30 frames of OpenCV's vtest.avi (people walking), from Debian's
+# opencv-doc package: only that 8 MB file is extracted into .cache/ (bench/clips.py finds it there).
+CLIP_DIR="$REPO/.cache/opencv-doc/usr/share/doc/opencv-doc/examples/data"
+if [[ ! -f /usr/share/doc/opencv-doc/examples/data/vtest.avi && ! -f "$CLIP_DIR/vtest.avi" ]] \
+        && command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then
+    log "fetching vtest.avi from Debian's opencv-doc package (96 MB download, 8 MB kept)"
+    clip_tmp="$(mktemp -d)"
+    if (cd "$clip_tmp" && apt-get download opencv-doc >/dev/null 2>&1 \
+            || { [[ "$(id -u)" == 0 ]] && apt-get update -qq >/dev/null 2>&1 && apt-get download opencv-doc >/dev/null 2>&1; }); then
+        mkdir -p "$REPO/.cache/opencv-doc"
+        dpkg-deb --fsys-tarfile "$clip_tmp"/opencv-doc_*.deb \
+            | tar -x -C "$REPO/.cache/opencv-doc" ./usr/share/doc/opencv-doc/examples/data/vtest.avi 2>/dev/null \
+            && log "vtest.avi ready" || log "could not extract vtest.avi: its test will be skipped"
+    else
+        log "opencv-doc could not be downloaded: the real-footage test will be skipped"
+    fi
+    rm -rf "$clip_tmp"
+fi
+
 # Tell callers (scripts/test.sh) where things are.
 echo "VENV=$VENV"
 echo "COMFYUI_PATH=$COMFY"

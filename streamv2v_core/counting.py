@@ -9,9 +9,10 @@ the host wait for the device, but both are deterministic and predict GPU behavio
 * ``SyncCounter`` (a ``TorchFunctionMode``) counts the Python-level calls that make the host
   wait for a GPU, whatever device the tensors are on: scalar reads (``.item()``,
   ``float(t)``, ``int(t)``, ``bool(t)``, index by a tensor), ``.tolist()``, ``.numpy()``,
-  ``.cpu()``, explicit moves to the host, indexing with a Python list (its index tensor is
-  built on the host and copied up), data-dependent shapes (``nonzero``, ``unique``,
-  ``masked_select``, one-argument ``where``) and tensors built from Python data
+  ``.cpu()`` (explicit requests for host data), copies between devices (``.to(d)`` /
+  ``copy_`` whose target device differs from the tensor's), indexing with a Python list (its
+  index tensor is built on the host and copied up), data-dependent shapes (``nonzero``,
+  ``unique``, ``masked_select``, one-argument ``where``) and tensors built from Python data
   (``torch.tensor([...])``: copied up when used with device tensors).
 
 Both record per *region* (``with counter.region("forward")``), so a benchmark can tell
@@ -28,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 _ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
 _SCALAR_READS = {"item", "__bool__", "__int__", "__float__", "__index__", "__complex__"}
-_HOST_COPIES = {"cpu", "numpy", "tolist"}
+_HOST_COPIES = {"cpu", "numpy", "tolist"}  # explicit requests for host data
 _DATA_DEPENDENT = {"nonzero", "unique", "unique_consecutive", "masked_select", "argwhere"}
 _FROM_PYTHON = {"tensor", "as_tensor", "asarray"}
 
@@ -74,10 +75,6 @@ class OpCounter(TorchDispatchMode, _Regions):
         return func(*args, **(kwargs or {}))
 
 
-def _is_host(device) -> bool:
-    return device is not None and torch.device(device).type == "cpu"
-
-
 class SyncCounter(TorchFunctionMode, _Regions):
     """Counts calls that would make the host wait for a GPU (see module doc), by category."""
 
@@ -96,8 +93,8 @@ class SyncCounter(TorchFunctionMode, _Regions):
             self.add("data-dependent shapes")
         elif name == "__getitem__" and len(args) > 1 and _has_list(args[1]):
             self.add("Python-list indexing")
-        elif name in ("to", "copy_") and any(_is_host(d) for d in _devices(args[1:], kwargs)):
-            self.add("to host")
+        elif name in ("to", "copy_") and _moves(args, kwargs):
+            self.add("cross-device copies")
         elif name in _FROM_PYTHON and args and not isinstance(args[0], torch.Tensor):
             self.add("built from Python data")
         return func(*args, **kwargs)
@@ -114,10 +111,14 @@ def _has_list(index) -> bool:
     return isinstance(index, tuple) and any(isinstance(i, list) for i in index)
 
 
-def _devices(args, kwargs):
-    for value in list(args) + [kwargs.get("device")]:
-        if isinstance(value, (str, torch.device)):
-            yield value
+def _moves(args, kwargs) -> bool:
+    """Whether ``t.to(...)`` / ``t.copy_(src)`` copies between devices (a no-op move is not counted)."""
+    source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if source is None:
+        return False
+    targets = [v for v in list(args[1:]) + [kwargs.get("device")] if isinstance(v, (str, torch.device))]
+    targets += [v.device for v in args[1:] if isinstance(v, torch.Tensor)]
+    return any(torch.device(t).type != source.device.type for t in targets)
 
 
 @contextlib.contextmanager
