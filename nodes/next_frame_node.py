@@ -33,7 +33,8 @@ class StreamV2VNextFrame(io.ComfyNode):
                                             "name share it."),
                     io.Boolean.Input("reset", default=False,
                                      tooltip="Start again from the first frame on this run (turn it off again "
-                                             "to advance). Reset the bank with the FeatureBank node's reset."),
+                                             "to advance). The bank restarts with the sampler's bank_start 'fresh' "
+                                             "or the Clear button on the FeatureBank node."),
                     io.Combo.Input("at_end", options=["loop", "stop"], default="loop",
                                    tooltip="After the last frame: loop back to the first, or stop with an error "
                                            "(ends Auto Queue)."),
