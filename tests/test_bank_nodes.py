@@ -123,17 +123,6 @@ def test_stacks_with_core_tome_patch():
     assert not torch.allclose(outputs["tome+bank"], outputs["bank"])
 
 
-def _lora(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    lora = {}
-    for name, weight in model.model.diffusion_model.named_parameters():
-        if name.endswith("attn1.to_q.weight"):
-            key = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
-            lora[f"{key}.lora_up.weight"] = torch.randn(weight.shape[0], 4, generator=g)
-            lora[f"{key}.lora_down.weight"] = torch.randn(4, weight.shape[1], generator=g)
-    return lora
-
-
 def test_frame_counting_and_readable_resets(caplog):
     """Every clear says why in words (no object ids): size, model, LoRA strength, settings."""
     import comfy.sd
@@ -160,7 +149,7 @@ def test_frame_counting_and_readable_resets(caplog):
     assert bank.frames_seen == 1
     other = _patch(tiny_models.tiny_sd15_model(1), handle)
     assert reason_after(lambda: _sample(other, pos, pos, size=LATENT + 8)) == "model (checkpoint or model loader) changed"
-    lora = _lora(model)
+    lora = tiny_models.random_self_attention_lora(model)
     weak = _patch(comfy.sd.load_lora_for_models(model, None, lora, 0.5, 0.0)[0], handle)
     strong = _patch(comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)[0], handle)
     assert reason_after(lambda: _sample(weak, pos, pos)) == ("model (checkpoint or model loader) changed; LoRA or "

@@ -308,13 +308,7 @@ def test_after_core_lora_and_lcm_model_sampling_nodes(parts):
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
     model, vae, pos, neg = parts
-    g = torch.Generator().manual_seed(3)
-    lora = {}
-    for name, weight in model.model.diffusion_model.named_parameters():
-        if name.endswith("attn1.to_q.weight"):
-            key = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
-            lora[f"{key}.lora_up.weight"] = torch.randn(weight.shape[0], 4, generator=g)
-            lora[f"{key}.lora_down.weight"] = torch.randn(4, weight.shape[1], generator=g)
+    lora = tiny_models.random_self_attention_lora(model)
     lora_model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
     assert lora_model.patches, "the LoRA applied to no weight"
     lcm_model = ModelSamplingDiscrete().patch(lora_model, "lcm", False)[0]

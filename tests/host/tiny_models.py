@@ -208,6 +208,18 @@ def full_sd15_model(seed: int = 0, dtype: torch.dtype = torch.float32, device=No
 
 # --------------------------------------------------------------------------- VAEs
 
+def random_self_attention_lora(model, seed: int = 3, rank: int = 4) -> dict:
+    """A LoRA state dict (kohya names) with random rank-``rank`` updates of every self-attention ``to_q``."""
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name, weight in model.model.diffusion_model.named_parameters():
+        if name.endswith("attn1.to_q.weight"):
+            key = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
+            lora[f"{key}.lora_up.weight"] = torch.randn(weight.shape[0], rank, generator=g)
+            lora[f"{key}.lora_down.weight"] = torch.randn(rank, weight.shape[1], generator=g)
+    return lora
+
+
 def tiny_taesd_vae(seed: int = 0):
     """comfy.sd.VAE around a randomly initialised TAESD (detected by its taesd_decoder.* keys)."""
     taesd = comfy.taesd.taesd.TAESD()
