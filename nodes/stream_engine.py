@@ -23,6 +23,7 @@ import collections
 import itertools
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -137,7 +138,22 @@ class StreamState:
     in_flight: InFlight | None = None
     in_flight_inputs: collections.deque = field(default_factory=collections.deque)  # host images, oldest first
     last_image: torch.Tensor | None = None
-    schedule: tuple | None = None  # (what it was made from, sigma values, first step from pure noise)
+    schedule: Schedule | None = None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The sigmas of a stream, read from the model once per stream rather than once per run."""
+
+    sampling: weakref.ref  # the model_sampling object they were read from (identity, without keeping it alive)
+    steps: int
+    strength: float
+    sigma_values: list[float]  # S + 1 values, the last 0
+    sigmas: torch.Tensor  # the same on the model's device, for ComfyUI's sampler
+    full_noise_first: bool  # the first step starts from pure noise
+
+    def made_for(self, sampling, settings: StreamSettings) -> bool:
+        return self.sampling() is sampling and (self.steps, self.strength) == (settings.steps, settings.strength)
 
 
 class _NodeStreams:
@@ -345,11 +361,13 @@ def run_stream(model, positive, negative, vae, frames: Iterable[torch.Tensor], s
     guider.set_conds(positive, negative)
     guider.set_cfg(settings.cfg)
     sampling = model.get_model_object("model_sampling")
-    schedule_key = (id(sampling), int(settings.steps), float(settings.strength))
-    if state.schedule is None or state.schedule[0] != schedule_key:  # read once per stream, not per run
+    schedule = state.schedule
+    if schedule is None or not schedule.made_for(sampling, settings):  # read once per stream: host reads
         values = strength_sigmas(sampling, settings.steps, settings.strength)
-        state.schedule = (schedule_key, values, values[0] >= float(sampling.sigma_max) * (1 - 1e-5))
-    _, sigma_values, full_noise_first = state.schedule
+        schedule = state.schedule = Schedule(weakref.ref(sampling), settings.steps, settings.strength, values,
+                                             torch.tensor(values, device=model.load_device),
+                                             values[0] >= float(sampling.sigma_max) * (1 - 1e-5))
+    sigma_values, full_noise_first = schedule.sigma_values, schedule.full_noise_first
     steps = len(sigma_values) - 1
     run = _Run(state, banks, settings, on_output, in_flight_mode, steps)
 
@@ -361,7 +379,7 @@ def run_stream(model, positive, negative, vae, frames: Iterable[torch.Tensor], s
     zeros = torch.zeros(latent_shape)
     try:
         with torch.inference_mode():  # as ComfyUI's executor runs nodes; also for scripts calling the engine
-            guider.sample(zeros, zeros, comfy.samplers.KSAMPLER(sampler_function), torch.tensor(sigma_values),
+            guider.sample(zeros, zeros, comfy.samplers.KSAMPLER(sampler_function), schedule.sigmas,
                           seed=settings.seed, disable_pbar=True)
     finally:
         for bank in banks:
