@@ -22,7 +22,8 @@ EA on every block and FF with its defaults.
 Columns: per output frame; "host ms outside UNet and VAE" = wall time minus the time inside
 the UNet forward and the VAE's encode/decode, per frame: the engine's own Python work and
 ComfyUI's sampler glue (meaningful with ``--model tiny``, where the UNet is cheap);
-"time vs floor" = wall time per frame / the floor's (meaningful with ``--model full``).
+"time vs floor" = wall time per frame / the floor's (meaningful with ``--model full``; the floor is
+timed before and after the rows and the ratio uses their mean).
 On CUDA, syncs are also counted by PyTorch itself (``torch.cuda.set_sync_debug_mode``).
 
 Usage:
@@ -248,6 +249,11 @@ def main() -> None:
             counts, wall, host = measure(args, torch, unet, vae, cond, label, mode, size, interval, path, frames)
             rows.append((path, label, counts, wall, host))
             print(f"  measured {path} / {label}", flush=True)
+    # The floor again at the end: on a shared CPU the machine's speed drifts over a long run, so the
+    # ratio uses the mean of both and the row shows their range.
+    base_time_end = floor(args, torch, unet, vae, cond)[1]
+    base_range = f"{min(base_time, base_time_end):.3f}..{max(base_time, base_time_end):.3f}"
+    base_time = (base_time + base_time_end) / 2
 
     print(f"\n# Hot path per output frame — {args.model} SD1.5 UNet, {args.size}x{args.size}, {STEPS} steps, "
           f"TAESD, {args.dtype}, {device_name(args.device)}, {args.frames} frames per row\n")
@@ -255,7 +261,7 @@ def main() -> None:
           "| host ms outside UNet and VAE | s / frame | time vs floor |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| floor (1 UNet call + TAESD) | - | 1 | {base_counts['kernels']} | | {base_counts['views']} | "
-          f"{base_counts['syncs']} | | | {base_time:.3f} | 1.00x |")
+          f"{base_counts['syncs']} | | | {base_range} | 1.00x |")
     no_bank = {path: c["kernels"] for path, label, c, _, _ in rows if label == "no bank"}
     for path, label, c, wall, host in rows:
         ratio = f"{c['kernels'] / no_bank[path]:.2f}x" if path in no_bank else ""
