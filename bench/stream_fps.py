@@ -46,6 +46,8 @@ def main() -> None:
     parse_common(parser)
     parser.add_argument("--frames", type=int, default=64, help="frames per run (default 64)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (each variant runs once per round)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the UNet through torch.compile (the nodes' `compile` input; GPU, eager fallback)")
     args = parser.parse_args()
     size_given = args.size
     torch, dtype = setup(args)
@@ -65,7 +67,7 @@ def main() -> None:
     with torch.inference_mode():
         for name, vae in vaes.items():  # warm-up: first-call costs out of the timed runs
             print(f"[warm-up] {name} VAE", flush=True)
-            run_frames(unet, cond, vae, moving_texture(args.size, 1))
+            run_frames(unet, cond, vae, moving_texture(args.size, 1), compile=args.compile)
 
         seconds = {v: 0.0 for v in VARIANTS}
         peak = {v: 0 for v in VARIANTS}
@@ -84,7 +86,7 @@ def main() -> None:
                     start_mem = rss_reset()
                 t0 = time.perf_counter()
                 n = run_frames(models[bank], cond, vaes[vae], moving_texture(args.size, args.frames, seed=r),
-                               stream_batch=stream_batch)
+                               stream_batch=stream_batch, compile=args.compile)
                 sync(args.device)
                 seconds[v] += time.perf_counter() - t0
                 assert n == args.frames
@@ -106,7 +108,8 @@ def main() -> None:
                   "peak RSS (VmHWM) during the run minus RSS at its start (mark reset via /proc/self/clear_refs "
                   "after gc + malloc_trim); the resident UNet and VAEs are not included")
     notes = [
-        f"Device: {device_name(args.device)}; UNet dtype {args.dtype}; Python {platform.python_version()}, "
+        f"Device: {device_name(args.device)}; UNet dtype {args.dtype}"
+        f"{', torch.compile' if args.compile else ''}; Python {platform.python_version()}, "
         f"torch {torch.__version__}",
         f"Command: `{command_line()}`",
         f"Model: {'full-size SD1.5 UNet architecture' if args.model == 'full' else 'TINY test UNet (smoke test)'}, "
