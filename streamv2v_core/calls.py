@@ -15,6 +15,7 @@ immutable, so ComfyUI may deep-copy or share them freely.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -100,19 +101,18 @@ class BankCall:
         return None if geometry is None else self._segments.get((name, geometry))
 
     def _build_segments(self, name: str, geometry) -> list[Segment]:
+        """Consecutive rows holding the same number of frames, split where their keys stop being one stride."""
         _, steps, slots = geometry
+        rows = [((flag * steps + step) * slots + slot, self.bank.count(name, flag, step))
+                for flag, step, slot, _ in self.rows]
         segments: list[Segment] = []
-        for i, (flag, step, slot, _) in enumerate(self.rows):
-            count = self.bank.count(name, flag, step)
-            key = (flag * steps + step) * slots + slot
-            last = segments[-1] if segments else None
-            if last is not None and last.count == count and (
-                    count == 0 or (last.stop - last.start == 1 and key > last.first)
-                    or key == last.first + (last.stop - last.start) * last.stride):
-                stride = last.stride if last.stop - last.start > 1 or count == 0 else key - last.first
-                segments[-1] = Segment(last.start, i + 1, last.first, stride, count)
-            else:
-                segments.append(Segment(i, i + 1, key, 1, count))
+        start = 0
+        for count, group in itertools.groupby(rows, key=lambda row: row[1]):
+            keys = [key for key, _ in group]
+            # Rows without a bank read nothing (they are padded with their own tokens): one segment.
+            for first, n, stride in [(keys[0], len(keys), 1)] if count == 0 else _arithmetic_runs(keys):
+                segments.append(Segment(start, start + n, first, stride, count))
+                start += n
         return segments
 
     def note_level(self, hw: tuple, level: int) -> None:
