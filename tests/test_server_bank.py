@@ -8,7 +8,6 @@ the bank routes and ComfyUI's "Free memory".
 """
 import json
 import pathlib
-import time
 import urllib.error
 import urllib.request
 

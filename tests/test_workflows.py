@@ -121,7 +121,6 @@ def test_workflow_runs(server, path):
                for e in prompt.values())
     entry = run_live_webcam(server, prompt) if live else server.run(prompt, timeout=300)
     files = check_outputs(server, prompt, entry)
-    videos = [f for f in files if f.suffix == ".mp4"]
     images = [f for f in files if f.suffix == ".png"]
     print(f"{path.name}: {time.monotonic() - started:.1f} s, outputs {[f.name for f in files]}")
 
@@ -132,7 +131,11 @@ def test_workflow_runs(server, path):
 
     stitched = "ImageStitch" in classes
     frames = LONG_FRAMES if "TinyVideoModelLoader" in classes else FRAMES
-    for node_id, paths in files_by_node(server, entry).items():
+    by_node = files_by_node(server, entry)
+    for node_id in (n for n, e in prompt.items() if e["class_type"] in ("SaveVideo", "StreamV2VLoop")):
+        mp4s = [p.name for p in by_node.get(node_id, []) if p.suffix == ".mp4"]
+        assert len(mp4s) == 1, (prompt[node_id]["class_type"], mp4s)  # every video node wrote its one MP4
+    for node_id, paths in by_node.items():
         kind = prompt[node_id]["class_type"]
         for video in (p for p in paths if p.suffix == ".mp4"):
             count, shape = video_frames(video)
