@@ -16,11 +16,11 @@ from ..streamv2v_core.video_io import shortfall
 from .input_files import check_input, modified_time
 from .loop_inputs import source_inputs
 from .loop_sink import LoopSink, drops_text
-from .loop_sources import BROWSER, LIVE_SOURCES, VIDEO_FILE, FramePick, FrameStream, SourceChoice, from_inputs
-from .node_status import NodeStatus
+from .loop_sources import BROWSER, LIVE_SOURCES, VIDEO_FILE, FramePick, FrameStream, SourceChoice
+from .node_status import NodeStatus, node_id_of
 from .output_files import check_prefix
-from .sampler_nodes import CATEGORY, stream_inputs, stream_settings
-from .stream_engine import run_stream
+from .sampler_nodes import CATEGORY, from_inputs, stream_inputs
+from .stream_engine import StreamSettings, run_stream
 from .video_input import video_output
 
 log = logging.getLogger("streamv2v")
@@ -97,13 +97,13 @@ class StreamV2VLoop(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, vae, video=None, **inputs) -> io.NodeOutput:
-        settings = stream_settings(**inputs)
+        settings = from_inputs(StreamSettings, inputs)
         settings.check()
         pick = from_inputs(FramePick, inputs)
         origin = from_inputs(SourceChoice, inputs)
         prefix = check_prefix(inputs.get("filename_prefix", DEFAULT_PREFIX))
         session = SESSIONS.get(inputs.get("session", "webcam"))
-        node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        node_id = node_id_of(cls)
         sizer = pick.sizer()
         reader = origin.open(video, session, sizer, status=lambda: status)
         live = origin.source == BROWSER and video is None

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable, Iterable, Iterator
 
@@ -23,12 +23,6 @@ VIDEO_FILE, IMAGE_FOLDER, CAMERA, BROWSER = "video file", "image folder", "camer
 SOURCES = (VIDEO_FILE, IMAGE_FOLDER, CAMERA, BROWSER)
 FILE_SOURCES = (VIDEO_FILE, IMAGE_FOLDER)
 LIVE_SOURCES = (CAMERA, BROWSER)
-
-
-def from_inputs(cls, inputs: dict):
-    """A ``cls`` dataclass from the node inputs it has fields for (missing ones keep their defaults)."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in inputs.items() if k in names and v is not None})
 
 
 @dataclass(frozen=True)

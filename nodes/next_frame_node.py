@@ -9,8 +9,8 @@ from comfy_api.latest import io
 from .frame_cursors import CURSORS, FrameCursor
 from .input_files import check_input
 from .loop_inputs import source_inputs
-from .loop_sources import FILE_SOURCES, FramePick, SourceChoice, from_inputs
-from .sampler_nodes import CATEGORY
+from .loop_sources import FILE_SOURCES, FramePick, SourceChoice
+from .sampler_nodes import CATEGORY, from_inputs
 
 log = logging.getLogger("streamv2v")
 

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import numpy as np
 import torch
 
 import comfy.utils
 
-from .previews import preview_of
+from .previews import Throttle, preview_of
 
 PREVIEW_INTERVAL_S = 0.1  # previews and texts at most this often: encoding one per frame costs real time
 
@@ -24,22 +23,29 @@ class NodeStatus:
     def __init__(self, node_id, total: int | None, preview: bool = True):
         self.node_id, self.total, self.preview = node_id, total, preview
         self.progress = comfy.utils.ProgressBar(total or 1, node_id=node_id)
-        self.shown = 0.0
+        self.updates = Throttle(PREVIEW_INTERVAL_S)
         self.text = ""
 
     def frame(self, count: int, image: torch.Tensor | np.ndarray, text: str) -> None:
         """``count`` frames done, the newest ``image [H, W, 3]`` (float in 0..1, or uint8 pixels)."""
-        now = time.monotonic()
-        if now - self.shown < PREVIEW_INTERVAL_S and count != self.total:
+        if not self.updates.due(final=count == self.total):
             return
-        self.shown = now
         self.progress.update_absolute(count, self.total or count, preview_of(image) if self.preview else None)
         self.say(text)
 
     def say(self, text: str) -> None:
         """Show ``text`` on the node when a ComfyUI server runs (no-op in-process)."""
         self.text = text
-        server = sys.modules.get("server")
-        instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+        instance = running_server()
         if instance is not None and self.node_id is not None and hasattr(instance, "send_progress_text"):
             instance.send_progress_text(text, self.node_id)
+
+
+def running_server():
+    """ComfyUI's ``PromptServer`` instance while a server runs; None in-process (tests, scripts)."""
+    return getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+
+
+def node_id_of(cls) -> str | None:
+    """The id of the node ``cls`` is executing as (None when called outside ComfyUI's executor)."""
+    return getattr(getattr(cls, "hidden", None), "unique_id", None)

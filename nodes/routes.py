@@ -8,9 +8,8 @@ importing the pack in-process (tests, scripts) registers nothing.
 """
 from __future__ import annotations
 
-import sys
-
 from .bank_routes import add_bank_routes
+from .node_status import running_server
 from .webcam_routes import add_webcam_routes
 
 _registered = False
@@ -19,8 +18,7 @@ _registered = False
 def register_routes() -> bool:
     """Add the routes to the running ComfyUI server, once; False when there is no server."""
     global _registered
-    server = sys.modules.get("server")
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    instance = running_server()
     if instance is None or _registered:
         return _registered
     add_webcam_routes(instance.routes)

@@ -1,14 +1,15 @@
 """StreamV2VSampler: restyle an IMAGE batch frame by frame with the stream batch."""
 from __future__ import annotations
 
-import time
+from dataclasses import fields
 
 import torch
 from comfy_api.latest import io
 
 import comfy.utils
 
-from .previews import PREVIEW_INTERVAL_S, preview_of
+from .node_status import node_id_of
+from .previews import PREVIEW_INTERVAL_S, Throttle, preview_of
 from .stream_engine import BANK_START_CHOICES, CONTINUE, FRESH, IN_FLIGHT, StreamSettings, run_stream
 
 CATEGORY = "StreamV2V"
@@ -62,9 +63,10 @@ def stream_inputs() -> list:
     ]
 
 
-def stream_settings(**kwargs) -> StreamSettings:
-    names = StreamSettings.__dataclass_fields__
-    return StreamSettings(**{k: v for k, v in kwargs.items() if k in names and v is not None})
+def from_inputs(cls, inputs: dict):
+    """A ``cls`` dataclass from the node inputs it has fields for (missing ones keep their defaults)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in inputs.items() if k in names and v is not None})
 
 
 class StreamV2VSampler(io.ComfyNode):
@@ -94,24 +96,21 @@ class StreamV2VSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, vae, images, **kwargs) -> io.NodeOutput:
-        settings = stream_settings(**kwargs)
+        settings = from_inputs(StreamSettings, kwargs)
         settings.check()
         if images is None or images.shape[0] == 0:
             raise ValueError("StreamV2VSampler got an empty image batch: connect a video or image loader")
         total = images.shape[0]
         outputs: list[torch.Tensor | None] = [None] * total
         progress = comfy.utils.ProgressBar(total)
-        shown = [0.0]
+        previews = Throttle(PREVIEW_INTERVAL_S)  # a few previews a second: each costs an encode
 
         def on_output(index: int, image: torch.Tensor) -> None:
             outputs[index] = image
-            now = time.monotonic()
-            preview = None
-            if now - shown[0] >= PREVIEW_INTERVAL_S or index + 1 == total:  # a few previews a second
-                shown[0], preview = now, preview_of(image)
+            preview = preview_of(image) if previews.due(final=index + 1 == total) else None
             progress.update_absolute(index + 1, total, preview)
 
-        node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        node_id = node_id_of(cls)
         run_stream(model, positive, negative, vae, iter(images), settings, on_output,
                    stream_key=f"StreamV2VSampler {node_id}" if node_id is not None else None,
                    who="StreamV2V Sampler")

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 from ..streamv2v_core.live_session import SESSIONS, check_session_name
 from .loop_sink import LoopSink, drops_text
 from .loop_sources import BrowserSource, FramePick, FrameStream
-from .node_status import NodeStatus
+from .node_status import NodeStatus, node_id_of
 from .sampler_nodes import CATEGORY
 
 
@@ -53,7 +53,7 @@ class StreamV2VWebcamEcho(io.ComfyNode):
         link = SESSIONS.get(session)
         pick = FramePick(width=width, height=height)
         sizer = pick.sizer()
-        status = NodeStatus(getattr(getattr(cls, "hidden", None), "unique_id", None), None, preview=False)
+        status = NodeStatus(node_id_of(cls), None, preview=False)
         sink = LoopSink(None, None, None, status, link)
         link.start()
         try:
