@@ -113,7 +113,7 @@ class StreamV2VSampler(io.ComfyNode):
         node_id = node_id_of(cls)
         run_stream(model, positive, negative, vae, iter(images), settings, on_output,
                    stream_key=f"StreamV2VSampler {node_id}" if node_id is not None else None,
-                   who="StreamV2V Sampler")
+                   who="StreamV2V Sampler", frame_count=total)
         return io.NodeOutput(torch.stack(outputs))
 
 

@@ -35,6 +35,7 @@ import comfy.samplers
 
 from ..streamv2v_core.bank import FeatureBank, describe_changes
 from ..streamv2v_core.calls import NAMES, PLAN_KEY, RowPlan
+from ..streamv2v_core.frame_conditioning import FrameRows, intersect_runs
 from ..streamv2v_core.patches import STREAM_KEY
 from ..streamv2v_core.schedule import strength_timesteps
 from ..streamv2v_core.similarity import SimilarityFilter
@@ -42,6 +43,7 @@ from ..streamv2v_core.stream import InFlight, NoiseSource, StreamPipeline
 from ..streamv2v_core.transfer import Handoff, Upload
 from .device_vae import DeviceCodec, attach, vae_downscale
 from .model_patching import RUN_BANKS_KEY, frame_size_part, model_parts
+from .run_conditioning import RunConditioning, check_frame_rows
 
 log = logging.getLogger("streamv2v")
 
@@ -139,6 +141,7 @@ class StreamState:
     in_flight_inputs: collections.deque = field(default_factory=collections.deque)  # host images, oldest first
     last_image: torch.Tensor | None = None
     schedule: Schedule | None = None
+    frame_rows: dict[int, FrameRows] = field(default_factory=dict)  # each frame in flight: its own conditioning
 
 
 @dataclass(frozen=True)
@@ -326,7 +329,7 @@ def strength_sigmas(model_sampling, steps: int, strength: float) -> list[float]:
 
 def run_stream(model, positive, negative, vae, frames: Iterable[torch.Tensor], settings: StreamSettings,
                on_output: Callable[[int, torch.Tensor], None], stream_key: str | None = None,
-               who: str = "StreamV2V") -> int:
+               who: str = "StreamV2V", conditioning: Callable | None = None, frame_count: int | None = None) -> int:
     """Restyle ``frames`` (each ``[H, W, 3]`` in 0..1, on the host) one by one.
 
     ``on_output(i, image)`` is called for input i with a host image ``[H, W, 3]``, in input
@@ -336,8 +339,15 @@ def run_stream(model, positive, negative, vae, frames: Iterable[torch.Tensor], s
     Bad sizes and a model/VAE mismatch raise before any output. Returns the number of
     outputs. If interrupted, every output already made stays made and the bank counts the
     frames that went through it. ``stream_key`` names the stream when the model has no bank.
+
+    Per-frame conditioning: with ``frame_count`` (the number of frames, when known) a
+    conditioning tensor or ControlNet hint batch of ``frame_count`` rows gives frame i row i;
+    1 row serves every frame; other counts are refused before any work. ``conditioning``
+    ``(index, image) -> FrameConditioning | None`` gives a frame its own prompt, hint,
+    ControlNet scale or fusion alpha as it enters the stream (``frame_conditioning.py``).
     """
     settings.check()
+    check_frame_rows(positive, negative, frame_count, who)
     source = iter(frames)
     first = next(source, None)
     if first is None:
@@ -372,8 +382,14 @@ def run_stream(model, positive, negative, vae, frames: Iterable[torch.Tensor], s
     run = _Run(state, banks, settings, on_output, in_flight_mode, steps)
 
     def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-        run.go(model_k, x, sigmas, extra_args, vae, itertools.chain([first], source), (height, width),
-               sigma_values, full_noise_first)
+        guider_now = model_k.inner_model  # the guider, its conditioning processed for this run
+        conds = RunConditioning(guider_now, frame_count, conditioning, x[:1], sigma_values, guider_now.inner_model)
+        try:
+            run.go(model_k, x, sigmas, extra_args, vae, itertools.chain([first], source), (height, width),
+                   sigma_values, full_noise_first, conds)
+        finally:
+            guider_now.conds = conds.template
+            conds.close()
         return x
 
     zeros = torch.zeros(latent_shape)
@@ -403,7 +419,8 @@ class _Run:
             self.on_output(index, image)
             self.outputs += 1
 
-    def go(self, model_k, x, sigmas, extra_args, vae, inputs, size, sigma_values, full_noise_first) -> None:
+    def go(self, model_k, x, sigmas, extra_args, vae, inputs, size, sigma_values, full_noise_first,
+           conds: RunConditioning) -> None:
         base = model_k.inner_model.inner_model  # comfy BaseModel: latent scaling and model sampling
         sampling = base.model_sampling
         state, settings = self.state, self.settings
@@ -413,11 +430,17 @@ class _Run:
         options = extra_args["model_options"]
         call_options = self._call_options(options)
 
+        guider = model_k.inner_model
+
         def denoise(rows, sigma, frames, steps):
             comfy.model_management.throw_exception_if_processing_interrupted()
+            frame_rows = [state.frame_rows.get(f) or FrameRows() for f in frames]
             outs = []
-            for start, stop in self._row_groups(steps):
-                plan = RowPlan(tuple(frames[start:stop]), tuple(steps[start:stop]), self.steps)
+            for start, stop in intersect_runs(self._row_groups(steps), conds.groups(frame_rows, steps)):
+                group = frame_rows[start:stop]
+                plan = RowPlan(tuple(frames[start:stop]), tuple(steps[start:stop]), self.steps,
+                               fusion_alpha=group[0].fusion_alpha)
+                guider.conds = conds.conds_for(group, steps[start:stop])
                 outs.append(model_k(rows[start:stop], sigma[start:stop], denoise_mask=None,
                                     model_options=call_options(plan), seed=extra_args.get("seed")))
             return outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -440,6 +463,7 @@ class _Run:
                     continue
                 latent = base.process_latent_in(codec.encode(upload(image[..., :3]))).to(x.device, x.dtype)
                 frame, state.next_frame = state.next_frame, state.next_frame + 1
+                state.frame_rows[frame] = conds.rows_for(index, image)
                 pipeline.push(frame, latent)
                 if self.in_flight_mode:
                     state.in_flight_inputs.append(image)
@@ -460,12 +484,14 @@ class _Run:
             state.in_flight = pipeline.state if self.in_flight_mode else None
         except BaseException:
             state.in_flight, state.in_flight_inputs = None, collections.deque()  # partly written: start anew
+            state.frame_rows = {}
             raise
         finally:
             handoff.flush()
 
     def _finished(self, finished, index, codec, base, handoff) -> None:
         frame, denoised = finished
+        self.state.frame_rows.pop(frame, None)
         image = codec.decode(base.process_latent_out(denoised))
         self.state.last_image = image
         if self.in_flight_mode:
