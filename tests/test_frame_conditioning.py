@@ -13,9 +13,9 @@ from host import tiny_models
 from nodes import ControlNetApplyAdvanced
 from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch
 from streamv2v.nodes.sampler_nodes import StreamV2VSampler
-from streamv2v.nodes.stream_engine import CONTINUE, FRESH, IN_FLIGHT, StreamSettings, run_stream
+from streamv2v.nodes.engine import CONTINUE, FRESH, IN_FLIGHT, StreamSettings, run_stream
 from streamv2v.streamv2v_core import BANKS
-from streamv2v.streamv2v_core.frame_conditioning import FrameConditioning
+from streamv2v.streamv2v_core.stream.conditioning import FrameConditioning
 
 FRAMES, SIZE = 6, 64
 F64 = torch.float64

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .frames import to_tensor
+from ..media.frames import to_tensor
 
 log = logging.getLogger("streamv2v")
 

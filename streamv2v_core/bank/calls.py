@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import extend_with_bank, feature_fusion
-from .bank import UNIT, FeatureBank, KeyWrite
+from .storage import UNIT, FeatureBank, KeyWrite
 
 PLAN_KEY = "streamv2v_rows"  # transformer_options: the driver's RowPlan for this call
 CALLS_KEY = "streamv2v_calls"  # transformer_options: {bank name: BankCall} for this call

@@ -25,7 +25,7 @@ import torch
 import comfy.sampler_helpers
 import comfy.samplers
 
-from ..streamv2v_core.frame_conditioning import (FrameConditioning, FrameRows, RowRef, split_where_changed,
+from ...streamv2v_core.stream.conditioning import (FrameConditioning, FrameRows, RowRef, split_where_changed,
                                                  stacked)
 
 SIDES = ("positive", "negative")
