@@ -6,6 +6,7 @@ from dataclasses import fields
 
 from comfy_api.latest import io
 
+from ..streamv2v_core.stream.guidance import FULL, GUIDANCE_CHOICES, ONE_TIME_NEGATIVE, SELF_NEGATIVE
 from .engine import BANK_START_CHOICES, CONTINUE, FRESH, IN_FLIGHT
 
 CATEGORY = "StreamV2V"
@@ -35,7 +36,8 @@ def stream_inputs() -> list:
                                "and the steps are evenly spaced down to the clean frame (StreamDiffusion's rule: "
                                "4 steps at 0.4 = timesteps 399/299/199/99); 1.0 starts from pure noise."),
         io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1,
-                       tooltip="Guidance. 1.0 (paper) runs the positive prompt only and is twice as fast."),
+                       tooltip="Guidance. 1.0 (paper) runs the positive prompt only; above 1 the negative prompt steers "
+                               "away (full CFG costs twice as much; see 'guidance' for residual CFG at no cost)."),
         io.Boolean.Input("stream_batch", default=True,
                          tooltip="Run all denoising steps of consecutive frames in one model call "
                                  "(StreamDiffusion); same frames, faster on a GPU."),
@@ -63,6 +65,16 @@ def stream_inputs() -> list:
                          tooltip="Advanced: run the UNet (with the bank patches inside) through torch.compile for "
                                  "speed on a GPU. The first frames take longer while it compiles; if compiling is "
                                  "not possible here the stream runs as usual, with a note in the log."),
+        io.Combo.Input("guidance", options=list(GUIDANCE_CHOICES), default=FULL, optional=True,
+                       tooltip=f"How cfg above 1 uses the negative prompt. '{FULL}': the negative prompt runs through "
+                               f"the model for every frame and step (twice the cost). '{SELF_NEGATIVE}' "
+                               f"(StreamDiffusion's residual CFG): the input frame itself is the negative, no extra "
+                               f"cost. '{ONE_TIME_NEGATIVE}': the negative prompt runs once per frame, at its first "
+                               f"step, and is reused for the later steps (one extra row per frame)."),
+        io.Float.Input("residual_delta", default=1.0, min=0.0, max=1.0, step=0.05, optional=True,
+                       **advanced(io.Float.Input, "Advanced: how much of the residual negative is used "
+                                                  "(StreamDiffusion's delta; 1 = all). Only with a residual "
+                                                  "guidance and cfg above 1.")),
     ]
 
 

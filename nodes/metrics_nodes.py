@@ -8,13 +8,15 @@ Outputs: warp error (0..255 MSE scale, lower is steadier), flow score (OFS, px^2
 of the video the flow comes from), MAWE (warp error / flow score), scene cuts (PySceneDetect
 AdaptiveDetector on the output), CLIP consistency (mean cosine of consecutive frames' CLIP image
 embeddings x100; NaN when no CLIP vision model is connected), a plot of the per-pair warp error
-(IMAGE ``[1, 320, 640, 3]``) and a text summary (also shown on the node); then (added later, so
-earlier links keep their slots) the std of the output's flow magnitude across frames (StreamingT2V
-appendix 9.3), and MAWE, scene cuts and that std at chunk seams only, when ``chunk_length`` gives
-the layout the video was sampled with (``StreamV2V Long-Video Chunks``).
+(IMAGE ``[1, 320, 640, 3]``), a text summary (also shown on the node), the std of the output's flow
+magnitude across frames (StreamingT2V appendix 9.3), and a ``report``: every number as JSON (a value
+that was not measured is ``null``, never a stand-in number), with MAWE, scene cuts and flow std at
+chunk seams only under ``"seams"`` when ``chunk_length`` gives the layout the video was sampled with
+(``StreamV2V Long-Video Chunks``).
 """
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -142,12 +144,11 @@ class StreamV2VMetrics(io.ComfyNode):
                 io.Float.Output(display_name="flow_std",
                                 tooltip="Std across frame pairs of the output's mean optical-flow magnitude (px; "
                                         "StreamingT2V appendix 9.3): seams and jerks raise it, steady motion is 0."),
-                io.Float.Output(display_name="seam_mawe", tooltip="MAWE over the frame pairs at chunk seams only "
-                                                                  "(NaN without chunk_length)."),
-                io.Int.Output(display_name="seam_scene_cuts", tooltip="Scene cuts that fall on a chunk seam (-1 "
-                                                                      "without chunk_length)."),
-                io.Float.Output(display_name="seam_flow_std", tooltip="flow_std over the frame pairs at chunk "
-                                                                      "seams only (NaN without chunk_length)."),
+                io.String.Output(display_name="report",
+                                 tooltip="Every number as JSON (for text nodes and scripts): warp_error, flow_score, "
+                                         "mawe, scene_cuts, clip_consistency, flow_std, flow_from, and 'seams' (mawe, "
+                                         "scene_cuts, flow_std and frame pairs at chunk seams) when chunk_length is "
+                                         "set. A value that was not measured is null."),
             ],
         )
 
@@ -156,30 +157,54 @@ class StreamV2VMetrics(io.ComfyNode):
                 frames_per_latent=1) -> io.NodeOutput:
         check_videos(images, source_images)
         check_chunks(images.shape[0], chunk_length, chunk_overlap, frames_per_latent)
-        size = (int(flow_size), int(flow_size)) if flow_size else None
-        motion = mawe(images, source_images, size=size)  # its warp error's flows serve both numbers
+        numbers = measure(images, source_images, clip_vision, flow_size, chunk_length, chunk_overlap,
+                          frames_per_latent)
+        motion, seams = numbers.pop("motion"), numbers.pop("seams")
         warp = motion.warp
-        # Smoothness is the output's own motion: with a source the flows above are the source's.
-        magnitudes = motion.magnitude_per_pair if source_images is None else \
-            flow_magnitudes(compute_flows(images, size=size, backward=False))
-        flow_std = float(np.std(magnitudes))
-        cut_frames = scene_cut_frames(images)
-        cuts = len(cut_frames)
-        seams = None
-        if chunk_length:
-            pairs = chunk_boundary_pairs(images.shape[0], chunk_length, chunk_overlap, frames_per_latent)
-            seams = seam_stats(motion, magnitudes, cut_frames, pairs)
-        clip_score = float("nan")
-        if clip_vision is not None:
-            clip_score = clip_frame_consistency(clip_embeddings(clip_vision, images))
         title = f"warp error per frame pair (flow from {warp.flow_from})"
         plot = torch.from_numpy(plot_per_frame(warp.per_pair, title=title, marks=seams.pairs if seams else ()))[None]
-        text = summary_text(warp.mean, warp.flow_from, motion.flow_score, motion.mawe, cuts, clip_score, flow_std,
-                            seams)
-        return io.NodeOutput(float(warp.mean), float(motion.flow_score), float(motion.mawe), cuts, clip_score,
-                             plot, text, flow_std, seams.mawe if seams else float("nan"),
-                             seams.scene_cuts if seams else -1, seams.flow_std if seams else float("nan"),
-                             ui=ui.PreviewText(text))
+        text = summary_text(warp.mean, warp.flow_from, motion.flow_score, motion.mawe, numbers["scene_cuts"],
+                            numbers["clip_consistency"], numbers["flow_std"], seams)
+        return io.NodeOutput(float(warp.mean), float(motion.flow_score), float(motion.mawe), numbers["scene_cuts"],
+                             numbers["clip_consistency"], plot, text, numbers["flow_std"],
+                             report_json(motion, numbers, seams), ui=ui.PreviewText(text))
+
+
+def measure(images, source_images, clip_vision, flow_size, chunk_length, chunk_overlap, frames_per_latent) -> dict:
+    """Every metric of the node: ``{"motion": MaweResult, "seams": SeamStats | None, "scene_cuts", ...}``."""
+    size = (int(flow_size), int(flow_size)) if flow_size else None
+    motion = mawe(images, source_images, size=size)  # its warp error's flows serve both numbers
+    # Smoothness is the output's own motion: with a source the flows above are the source's.
+    magnitudes = motion.magnitude_per_pair if source_images is None else \
+        flow_magnitudes(compute_flows(images, size=size, backward=False))
+    cut_frames = scene_cut_frames(images)
+    seams = None
+    if chunk_length:
+        pairs = chunk_boundary_pairs(images.shape[0], chunk_length, chunk_overlap, frames_per_latent)
+        seams = seam_stats(motion, magnitudes, cut_frames, pairs)
+    clip_score = float("nan")
+    if clip_vision is not None:
+        clip_score = clip_frame_consistency(clip_embeddings(clip_vision, images))
+    return {"motion": motion, "seams": seams, "scene_cuts": len(cut_frames), "clip_consistency": clip_score,
+            "flow_std": float(np.std(magnitudes))}
+
+
+def _number(value):
+    """A JSON number, or None for a value that is not a finite number (not measured, or infinite)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def report_json(motion, numbers: dict, seams) -> str:
+    """The node's ``report`` output: every number, ``null`` where nothing was measured."""
+    report = {"warp_error": _number(motion.warp.mean), "flow_score": _number(motion.flow_score),
+              "mawe": _number(motion.mawe), "scene_cuts": int(numbers["scene_cuts"]),
+              "clip_consistency": _number(numbers["clip_consistency"]), "flow_std": _number(numbers["flow_std"]),
+              "flow_from": motion.warp.flow_from, "seams": None}
+    if seams is not None:
+        report["seams"] = {"frame_pairs": len(seams.pairs), "mawe": _number(seams.mawe),
+                           "scene_cuts": int(seams.scene_cuts), "flow_std": _number(seams.flow_std)}
+    return json.dumps(report, allow_nan=False)
 
 
 NODES = [StreamV2VMetrics]

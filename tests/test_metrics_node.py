@@ -52,7 +52,8 @@ def test_node_gives_the_metrics_functions_numbers():
     source = moving()
     output = flickering(source)
     result = run(images=output, source_images=source)
-    warp, ofs, value, cuts, clip_score, plot, summary, flow_std, seam_mawe, seam_cuts, seam_std = result.args
+    warp, ofs, value, cuts, clip_score, plot, summary, flow_std, report = result.args
+    report = json.loads(report)
 
     expected_warp = warp_error(output, source)
     expected = mawe(output, source)
@@ -68,14 +69,17 @@ def test_node_gives_the_metrics_functions_numbers():
     assert result.ui.as_dict() == {"text": (summary,)}
     # smoothness is the output's own flow, even when the warp error's flow comes from the source
     assert flow_std == pytest.approx(flow_magnitude_std(output), rel=1e-9)
-    assert math.isnan(seam_mawe) and seam_cuts == -1 and math.isnan(seam_std)  # no chunk layout given
+    assert report["seams"] is None  # no chunk layout given
+    assert report["warp_error"] == pytest.approx(warp) and report["flow_std"] == pytest.approx(flow_std)
+    assert report["clip_consistency"] is None and report["scene_cuts"] == cuts
 
 
 def test_node_measures_the_chunk_seams():
     source = moving(T=17)
     output = flickering(source)
     args = run(images=output, chunk_length=3, chunk_overlap=1, frames_per_latent=4).args
-    flow_std, seam_mawe, seam_cuts, seam_std = args[7:]
+    flow_std, seams = args[7], json.loads(args[8])["seams"]
+    seam_mawe, seam_cuts, seam_std = seams["mawe"], seams["scene_cuts"], seams["flow_std"]
     motion = mawe(output)
     pairs = chunk_boundary_pairs(17, 3, 1, frames_per_latent=4)
     expected = seam_stats(motion, motion.magnitude_per_pair, scene_cut_frames(output), pairs)
@@ -169,9 +173,9 @@ def test_clip_consistency_uses_clip_vision_embeddings(tiny_clip_vision):
 def test_runs_in_comfyui(comfy_server):
     info = comfy_server.object_info("StreamV2VMetrics")["StreamV2VMetrics"]
     assert info["display_name"] == "StreamV2V Temporal Consistency"
-    # the first seven outputs keep their slots (saved workflows link them by index)
-    assert info["output"] == ["FLOAT", "FLOAT", "FLOAT", "INT", "FLOAT", "IMAGE", "STRING", "FLOAT", "FLOAT", "INT",
-                              "FLOAT"]
+    # the first eight outputs keep their slots (saved workflows link them by index); no stand-in numbers after
+    assert info["output"] == ["FLOAT", "FLOAT", "FLOAT", "INT", "FLOAT", "IMAGE", "STRING", "FLOAT", "STRING"]
+    assert info["output_name"][-1] == "report"
     assert set(info["input"]["optional"]) == {"source_images", "clip_vision", "flow_size", "chunk_length",
                                               "chunk_overlap", "frames_per_latent"}
     for section in info["input"].values():

@@ -13,7 +13,8 @@ from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, 
 from streamv2v.nodes.sampler_nodes import StreamV2VSampler
 from streamv2v.nodes.engine import CONTINUE, FRESH, IN_FLIGHT, StreamSettings, run_stream
 from streamv2v.streamv2v_core import BANKS
-from streamv2v.streamv2v_core.stream.pipeline import NoiseSource, StreamPipeline, run_pipeline
+from streamv2v.streamv2v_core.stream.loop import LoopState, StreamLoop
+from streamv2v.streamv2v_core.stream.pipeline import NoiseSource, StreamPipeline
 
 SIZE = 64
 
@@ -296,7 +297,10 @@ def test_stream_pipeline_schedule_is_pure_reordering():
     sigmas = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
     latents = [torch.full((1, 1, 2, 2), float(i)) for i in range(5)]
     pipeline = StreamPipeline(sigmas, sigmas.tolist(), denoise, lambda s, n, x, full: x + 0 * n, NoiseSource(0), False)
-    out = list(run_pipeline(pipeline, iter(latents), first_frame=0))
+    out = []
+    loop = StreamLoop(LoopState(), pipeline, stream_batch=True, keep_in_flight=False, encode=lambda x: x,
+                      decode=lambda x: x, admit=lambda i, x, latent: None, on_output=lambda i, x: out.append((i, x)))
+    loop.run(iter(latents), (1, 1))
     assert [i for i, _ in out] == [0, 1, 2, 3, 4]
     assert calls[:4] == [[0], [1, 0], [2, 1, 0], [3, 2, 1, 0]] and len(calls) == 5 + 3
     assert all(torch.equal(x, latents[i] / 16) for i, x in out)

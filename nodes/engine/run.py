@@ -19,7 +19,6 @@ finished frame crosses back to the host once, one frame late.
 """
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import weakref
@@ -32,9 +31,11 @@ import comfy.samplers
 
 from ...streamv2v_core.bank.calls import NAMES, PLAN_KEY, RowPlan
 from ...streamv2v_core.stream.conditioning import FrameRows, intersect_runs
+from ...streamv2v_core.stream.guidance import SELF_NEGATIVE, residual_guidance
+from ...streamv2v_core.stream.loop import StreamLoop
 from ...streamv2v_core.stream.pipeline import NoiseSource, StreamPipeline
 from ...streamv2v_core.stream.similarity import SimilarityFilter
-from ...streamv2v_core.stream.transfer import Handoff, Upload
+from ...streamv2v_core.stream.transfer import Upload
 from .bank_wrappers import RUN_BANKS_KEY
 from .conditioning import RunConditioning, check_frame_rows
 from .device_vae import DeviceCodec, vae_downscale
@@ -44,8 +45,6 @@ from .signatures import stream_signature
 from .streams import Schedule, StreamState, banks_of, open_stream
 
 log = logging.getLogger("streamv2v")
-
-# --------------------------------------------------------------------------- the run
 
 def run_stream(model, positive, negative, vae, frames: Iterable[torch.Tensor], settings: StreamSettings,
                on_output: Callable[[int, torch.Tensor], None], stream_key: str | None = None,
@@ -64,7 +63,7 @@ def run_stream(model, positive, negative, vae, frames: Iterable[torch.Tensor], s
     conditioning tensor or ControlNet hint batch of ``frame_count`` rows gives frame i row i;
     1 row serves every frame; other counts are refused before any work. ``conditioning``
     ``(index, image) -> FrameConditioning | None`` gives a frame its own prompt, hint,
-    ControlNet scale or fusion alpha as it enters the stream (``frame_conditioning.py``).
+    ControlNet scale or fusion alpha as it enters the stream (``stream/conditioning.py``).
     """
     settings.check()
     check_frame_rows(positive, negative, frame_count, who)
@@ -72,50 +71,22 @@ def run_stream(model, positive, negative, vae, frames: Iterable[torch.Tensor], s
     first = next(source, None)
     if first is None:
         raise ValueError("no input frames: connect at least one image")
-    height, width = int(first.shape[0]), int(first.shape[1])
-    latent_shape = check_stream_inputs(model, vae, height, width)
-
+    size = (int(first.shape[0]), int(first.shape[1]))
+    latent_shape = check_stream_inputs(model, vae, *size)
     model = stream_model(model, vae, settings.compile)
     banks = banks_of(model)
     state = open_stream(banks, stream_key, settings,
                         stream_signature(model, latent_shape, settings, vae_downscale(vae)), who)
-    if settings.similarity_filter and state.filter is None:
-        state.filter = SimilarityFilter(settings.similarity_threshold, settings.max_skips, settings.seed)
-    elif not settings.similarity_filter:
-        state.filter = None
-    in_flight_mode = settings.bank_start == IN_FLIGHT and settings.stream_batch
-    if not in_flight_mode:
-        state.in_flight, state.in_flight_inputs = None, collections.deque()
-
+    _carry_over(state, settings)
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
-    guider.set_cfg(settings.cfg)
-    sampling = model.get_model_object("model_sampling")
-    schedule = state.schedule
-    if schedule is None or not schedule.made_for(sampling, settings):  # read once per stream: host reads
-        values = strength_sigmas(sampling, settings.steps, settings.strength)
-        schedule = state.schedule = Schedule(weakref.ref(sampling), settings.steps, settings.strength, values,
-                                             torch.tensor(values, device=model.load_device),
-                                             values[0] >= float(sampling.sigma_max) * (1 - 1e-5))
-    sigma_values, full_noise_first = schedule.sigma_values, schedule.full_noise_first
-    steps = len(sigma_values) - 1
-    run = _Run(state, banks, settings, on_output, in_flight_mode, steps)
-
-    def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-        guider_now = model_k.inner_model  # the guider, its conditioning processed for this run
-        conds = RunConditioning(guider_now, frame_count, conditioning, x[:1], sigma_values, guider_now.inner_model)
-        try:
-            run.go(model_k, x, sigmas, extra_args, vae, itertools.chain([first], source), (height, width),
-                   sigma_values, full_noise_first, conds)
-        finally:
-            guider_now.conds = conds.template
-            conds.close()
-        return x
-
-    zeros = torch.zeros(latent_shape)
+    guider.set_cfg(1.0 if settings.residual else settings.cfg)  # residual CFG guides after the model call
+    run = _Run(state, banks, settings, _schedule(state, model, settings), vae, on_output, frame_count, conditioning)
+    # Latents in float32 as ComfyUI keeps them, or float64 for a float64 model (exactness checks).
+    zeros = torch.zeros(latent_shape, dtype=torch.float64 if model.model_dtype() == torch.float64 else torch.float32)
     try:
         with torch.inference_mode():  # as ComfyUI's executor runs nodes; also for scripts calling the engine
-            guider.sample(zeros, zeros, comfy.samplers.KSAMPLER(sampler_function), schedule.sigmas,
+            guider.sample(zeros, zeros, run.sampler(itertools.chain([first], source), size), run.schedule.sigmas,
                           seed=settings.seed, disable_pbar=True)
     finally:
         for bank in banks:
@@ -123,46 +94,99 @@ def run_stream(model, positive, negative, vae, frames: Iterable[torch.Tensor], s
     return run.outputs
 
 
+def _carry_over(state: StreamState, settings: StreamSettings) -> None:
+    """What of the previous run this run keeps: the similarity filter if still on, frames in flight if asked."""
+    if settings.similarity_filter and state.filter is None:
+        state.filter = SimilarityFilter(settings.similarity_threshold, settings.max_skips, settings.seed)
+    elif not settings.similarity_filter:
+        state.filter = None
+    if not _keeps_in_flight(settings):
+        state.drop_in_flight()
+
+
+def _keeps_in_flight(settings: StreamSettings) -> bool:
+    return settings.bank_start == IN_FLIGHT and settings.stream_batch
+
+
+def _schedule(state: StreamState, model, settings: StreamSettings) -> Schedule:
+    """The stream's sigmas, read from the model once per stream (host reads), not once per run."""
+    sampling = model.get_model_object("model_sampling")
+    if state.schedule is None or not state.schedule.made_for(sampling, settings):
+        values = strength_sigmas(sampling, settings.steps, settings.strength)
+        state.schedule = Schedule(weakref.ref(sampling), settings.steps, settings.strength, values,
+                                  torch.tensor(values, device=model.load_device),
+                                  values[0] >= float(sampling.sigma_max) * (1 - 1e-5))
+    return state.schedule
+
+
 class _Run:
-    """One run's loop: inputs -> (filter) -> upload -> encode -> pipeline -> decode -> handoff."""
+    """One ComfyUI sampling run whose sampler function is the stream loop (``stream/loop.py``).
 
-    def __init__(self, state: StreamState, banks, settings: StreamSettings, on_output, in_flight_mode: bool,
-                 steps: int):
-        self.state, self.banks, self.settings = state, banks, settings
-        self.in_flight_mode, self.steps = in_flight_mode, steps
-        self.on_output = on_output
+    The run goes through ``CFGGuider.sample`` so that everything a KSampler run gets applies
+    (model loading, OUTER_SAMPLE wrappers, conditioning processing, ControlNet set-up and
+    clean-up, hooks); the sampler function then drives the model call by call and returns
+    its input unchanged: the frames leave through ``on_output``, not as the sampler's latent.
+    """
+
+    def __init__(self, state: StreamState, banks, settings: StreamSettings, schedule: Schedule, vae, on_output,
+                 frame_count: int | None, provider: Callable | None):
+        self.state, self.banks, self.settings, self.schedule, self.vae = state, banks, settings, schedule, vae
+        self.on_output, self.frame_count, self.provider = on_output, frame_count, provider
+        self.steps = len(schedule.sigma_values) - 1
         self.outputs = 0
-        self.sources: dict[int, list[int]] = {}  # frame in flight -> input indices it answers
 
-    def deliver(self, indices, image: torch.Tensor) -> None:
-        for index in indices:
-            self.on_output(index, image)
-            self.outputs += 1
+    def sampler(self, inputs, size):
+        def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+            self.go(model_k, x, sigmas, extra_args, inputs, size)
+            return x
+        return comfy.samplers.KSAMPLER(sampler_function)
 
-    def go(self, model_k, x, sigmas, extra_args, vae, inputs, size, sigma_values, full_noise_first,
-           conds: RunConditioning) -> None:
-        base = model_k.inner_model.inner_model  # comfy BaseModel: latent scaling and model sampling
-        sampling = base.model_sampling
-        state, settings = self.state, self.settings
-        codec = DeviceCodec(vae)
+    def go(self, model_k, x, sigmas, extra_args, inputs, size) -> None:
+        guider = model_k.inner_model  # its conditioning is processed for this run
+        base = guider.inner_model  # comfy BaseModel: latent scaling and model sampling
+        conds = RunConditioning(guider, self.frame_count, self.provider, x[:1], self.schedule.sigma_values, base)
+        codec = DeviceCodec(self.vae)
         upload = Upload(codec.device)
-        handoff = Handoff(self.deliver)
-        options = extra_args["model_options"]
-        call_options = self._call_options(options)
+        loop = StreamLoop(
+            self.state, self._pipeline(model_k, guider, conds, x, sigmas, extra_args), self.settings.stream_batch,
+            _keeps_in_flight(self.settings),
+            encode=lambda image: base.process_latent_in(codec.encode(upload(image[..., :3]))).to(x.device, x.dtype),
+            decode=lambda denoised: codec.decode(base.process_latent_out(denoised)),
+            admit=lambda index, image, latent: self._admit(conds, index, image, latent), on_output=self.on_output)
+        try:
+            loop.run(inputs, size)
+        finally:
+            self.outputs += loop.outputs
+            guider.conds = conds.template
+            conds.close()
 
-        guider = model_k.inner_model
+    def _admit(self, conds: RunConditioning, index: int, image, latent) -> FrameRows:
+        """A frame entering the stream: its own conditioning, and its latent when it is its own negative."""
+        rows = conds.rows_for(index, image)
+        if self.settings.residual and self.settings.guidance == SELF_NEGATIVE:
+            rows.x0 = latent
+        return rows
+
+    def _pipeline(self, model_k, guider, conds: RunConditioning, x, sigmas, extra_args) -> StreamPipeline:
+        """The stream batch over this run's schedule; each call split into row groups (see ``_row_groups``)."""
+        state, sampling = self.state, guider.inner_model.model_sampling
+        call_options = self._call_options(extra_args["model_options"])
 
         def denoise(rows, sigma, frames, steps):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            frame_rows = [state.frame_rows.get(f) or FrameRows() for f in frames]
+            frame_rows = [state.frame_data.get(f) or FrameRows() for f in frames]
             outs = []
             for start, stop in intersect_runs(self._row_groups(steps), conds.groups(frame_rows, steps)):
                 group = frame_rows[start:stop]
                 plan = RowPlan(tuple(frames[start:stop]), tuple(steps[start:stop]), self.steps,
                                fusion_alpha=group[0].fusion_alpha)
                 guider.conds = conds.conds_for(group, steps[start:stop])
-                outs.append(model_k(rows[start:stop], sigma[start:stop], denoise_mask=None,
-                                    model_options=call_options(plan), seed=extra_args.get("seed")))
+                out = model_k(rows[start:stop], sigma[start:stop], denoise_mask=None,
+                              model_options=call_options(plan), seed=extra_args.get("seed"))
+                if self.settings.residual:
+                    negative = _Negative(guider, conds, call_options, plan, group)
+                    out = self._residual(rows[start:stop], sigma[start:stop], out, negative)
+                outs.append(out)
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         def noise_scaling(sigma, noise, latent, max_denoise):
@@ -170,65 +194,23 @@ class _Run:
 
         if state.in_flight is not None and state.in_flight.x is not None:
             state.in_flight.x = state.in_flight.x.to(x.device, x.dtype)
-        pipeline = StreamPipeline(sigmas.to(x.device, x.dtype), sigma_values, denoise, noise_scaling,
-                                  NoiseSource(settings.seed, settings.fixed_noise), full_noise_first,
-                                  state.in_flight if self.in_flight_mode else None)
-        try:
-            for index, image in enumerate(inputs):
-                if tuple(image.shape[:2]) != size:
-                    raise ValueError(f"frame {index} is {image.shape[1]}x{image.shape[0]}, the stream started at "
-                                     f"{size[1]}x{size[0]}: all frames must have one size")
-                if state.filter is not None and state.filter.skip(image):  # host-side: the frame is on the host
-                    self._skipped(index, handoff)
-                    continue
-                latent = base.process_latent_in(codec.encode(upload(image[..., :3]))).to(x.device, x.dtype)
-                frame, state.next_frame = state.next_frame, state.next_frame + 1
-                state.frame_rows[frame] = conds.rows_for(index, image)
-                pipeline.push(frame, latent)
-                if self.in_flight_mode:
-                    state.in_flight_inputs.append(image)
-                else:
-                    self.sources[frame] = [index]
-                while True:
-                    finished = pipeline.step()
-                    if finished is not None:
-                        self._finished(finished, index, codec, base, handoff)
-                    elif self.in_flight_mode:  # still filling: show the oldest frame in flight as it came in
-                        handoff.put([index], state.in_flight_inputs[0])
-                    if settings.stream_batch or not len(pipeline):
-                        break
-            while not self.in_flight_mode and len(pipeline):
-                finished = pipeline.step()
-                if finished is not None:
-                    self._finished(finished, None, codec, base, handoff)
-            state.in_flight = pipeline.state if self.in_flight_mode else None
-        except BaseException:
-            state.in_flight, state.in_flight_inputs = None, collections.deque()  # partly written: start anew
-            state.frame_rows = {}
-            raise
-        finally:
-            handoff.flush()
+        return StreamPipeline(sigmas.to(x.device, x.dtype), self.schedule.sigma_values, denoise, noise_scaling,
+                              NoiseSource(self.settings.seed, self.settings.fixed_noise),
+                              self.schedule.full_noise_first, state.in_flight if _keeps_in_flight(self.settings)
+                              else None)
 
-    def _finished(self, finished, index, codec, base, handoff) -> None:
-        frame, denoised = finished
-        self.state.frame_rows.pop(frame, None)
-        image = codec.decode(base.process_latent_out(denoised))
-        self.state.last_image = image
-        if self.in_flight_mode:
-            self.state.in_flight_inputs.popleft()
-            handoff.put([index], image)
-        else:
-            handoff.put(self.sources.pop(frame), image)
-
-    def _skipped(self, index, handoff) -> None:
-        """A frame the similarity filter skipped reuses the last processed frame's output."""
-        pending = [f for f in self.sources if self.sources[f]]
-        if not self.in_flight_mode and pending:
-            self.sources[max(pending)].append(index)
-        elif self.state.last_image is not None:
-            handoff.put([index], self.state.last_image)
-        elif self.in_flight_mode and self.state.in_flight_inputs:
-            handoff.put([index], self.state.in_flight_inputs[0])
+    def _residual(self, x, sigma, denoised, negative: "_Negative") -> torch.Tensor:
+        """Residual CFG for one row group ``[R, C, h, w]``, each row guided by its own frame's negative."""
+        for i, (row, step) in enumerate(zip(negative.group, negative.plan.steps)):
+            if row.x0 is None and step == 0:  # one-time negative: the frame's only real negative pass
+                row.x0 = negative.estimate(i, x[i:i + 1], sigma[i:i + 1])
+        refs = [row.x0 for row in negative.group]
+        cfg, delta = float(self.settings.cfg), float(self.settings.residual_delta)
+        if all(ref is not None for ref in refs):
+            return residual_guidance(x, denoised, refs[0] if len(refs) == 1 else torch.cat(refs), cfg, delta)
+        # A frame that entered before residual guidance was on (a stream restarts when it changes): unguided.
+        return torch.cat([d if ref is None else residual_guidance(r, d, ref, cfg, delta)
+                          for r, d, ref in zip(x.split(1), denoised.split(1), refs)])
 
     def _call_options(self, options: dict) -> Callable[[RowPlan], dict]:
         base_to = options.get("transformer_options", {})
@@ -257,3 +239,23 @@ class _Run:
             else:
                 groups.append([i, i + 1, held])
         return [(start, stop) for start, stop, _ in groups]
+
+
+class _Negative:
+    """The real negative pass of residual one-time-negative guidance, for one row of a group.
+
+    It runs the row's negative conditioning alone (``cond_or_uncond`` [1], so the bank keeps
+    negative features apart, as full CFG does) through ComfyUI's own batching: one extra row
+    per frame, at its first step.
+    """
+
+    def __init__(self, guider, conds: RunConditioning, call_options, plan: RowPlan, group: list[FrameRows]):
+        self.guider, self.conds, self.call_options, self.plan, self.group = guider, conds, call_options, plan, group
+
+    def estimate(self, i: int, x_row: torch.Tensor, sigma_row: torch.Tensor) -> torch.Tensor:
+        """The negative's clean estimate ``[1, C, h, w]`` for row ``i`` (its frame's ``x0_ref``)."""
+        plan = RowPlan((self.plan.frames[i],), (self.plan.steps[i],), self.plan.total_steps,
+                       fusion_alpha=self.plan.fusion_alpha)
+        negative = self.conds.conds_for([self.group[i]], [self.plan.steps[i]])["negative"]
+        return comfy.samplers.calc_cond_batch(self.guider.inner_model, [None, negative], x_row, sigma_row,
+                                              self.call_options(plan))[1]

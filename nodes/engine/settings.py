@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...streamv2v_core.stream.guidance import FULL, GUIDANCE_CHOICES
 from .device_vae import vae_downscale
 
 FRESH, CONTINUE, IN_FLIGHT = "fresh", "continue", "continue, frames in flight"
@@ -25,6 +26,8 @@ class StreamSettings:
     max_skips: int = 10
     bank_start: str = FRESH
     compile: bool = False
+    guidance: str = FULL
+    residual_delta: float = 1.0
 
     def check(self) -> None:
         if not 1 <= int(self.steps) <= 50:
@@ -38,7 +41,16 @@ class StreamSettings:
             raise ValueError(f"bank_start must be one of {BANK_START_CHOICES}, got {self.bank_start!r}")
         if not 0.0 <= float(self.similarity_threshold) < 1.0:
             raise ValueError(f"similarity_threshold must be in [0, 1), got {self.similarity_threshold}")
+        if self.guidance not in GUIDANCE_CHOICES:
+            raise ValueError(f"guidance must be one of {GUIDANCE_CHOICES}, got {self.guidance!r}")
+        if not 0.0 <= float(self.residual_delta) <= 1.0:
+            raise ValueError(f"residual_delta must be in [0, 1] (StreamDiffusion's delta; 1 = the whole virtual "
+                             f"negative), got {self.residual_delta}")
 
+    @property
+    def residual(self) -> bool:
+        """Residual CFG is in use: guidance above 1 with a virtual negative (one UNet pass per row)."""
+        return self.guidance != FULL and float(self.cfg) != 1.0
 
 
 # --------------------------------------------------------------------------- input checks

@@ -59,5 +59,6 @@ def stream_signature(model, latent_shape, settings: StreamSettings, downscale: i
         "steps": (int(settings.steps), int(settings.steps)),
         "strength": (float(settings.strength), f"{float(settings.strength):g}"),
         "cfg": (float(settings.cfg), f"{float(settings.cfg):g}"),
+        "guidance": ((settings.guidance, float(settings.residual_delta)), settings.guidance),
     })
     return parts

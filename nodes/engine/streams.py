@@ -17,26 +17,18 @@ from dataclasses import dataclass, field
 import torch
 
 from ...streamv2v_core.bank.storage import FeatureBank, describe_changes
-from ...streamv2v_core.stream.conditioning import FrameRows
-from ...streamv2v_core.stream.pipeline import InFlight
-from ...streamv2v_core.stream.similarity import SimilarityFilter
+from ...streamv2v_core.stream.loop import LoopState
 from .settings import FRESH, StreamSettings
 
 log = logging.getLogger("streamv2v")
 
 @dataclass
-class StreamState:
-    """What a stream carries from one run to the next (dropped when its bank is cleared)."""
+class StreamState(LoopState):
+    """A stream's loop state (``stream/loop.py``) plus what decides whether a run may continue it."""
 
-    signature: dict
-    next_frame: int = 0
-    filter: SimilarityFilter | None = None
-    in_flight: InFlight | None = None
-    in_flight_inputs: collections.deque = field(default_factory=collections.deque)  # host images, oldest first
-    last_image: torch.Tensor | None = None
+    signature: dict = field(default_factory=dict)
     schedule: Schedule | None = None
-    frame_rows: dict[int, FrameRows] = field(default_factory=dict)  # each frame in flight: its own conditioning
-    bank_generation: int | None = None  # the bank's generation it belongs to (None: a node's stream)
+    bank_generation: int | None = None  # the generation of the bank it belongs to (None: a node's stream)
 
 
 @dataclass(frozen=True)
@@ -108,7 +100,8 @@ def open_stream(banks: list[FeatureBank], key: str | None, settings: StreamSetti
         key, generation = f"bank {banks[0].name}", banks[0].generation
         state = STREAMS.get(key)
         if state is None or state.bank_generation != generation:  # the bank was cleared: its stream ended
-            state = StreamState(signature, next_frame=max(b.frames_seen for b in banks), bank_generation=generation)
+            state = StreamState(next_frame=max(b.frames_seen for b in banks), signature=signature,
+                                bank_generation=generation)
             STREAMS.put(key, state)
         return state
     state = STREAMS.get(key) if key is not None else None
@@ -117,7 +110,7 @@ def open_stream(banks: list[FeatureBank], key: str | None, settings: StreamSetti
         if not reason:
             return state
         log.info("StreamV2V stream of %s restarts: %s", who, reason)
-    state = StreamState(signature)
+    state = StreamState(signature=signature)
     if key is not None:
         STREAMS.put(key, state)
     return state

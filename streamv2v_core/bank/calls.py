@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import extend_with_bank, feature_fusion
+from .runs import arithmetic_runs
 from .storage import UNIT, FeatureBank, KeyWrite
 
 PLAN_KEY = "streamv2v_rows"  # transformer_options: the driver's RowPlan for this call
@@ -94,7 +95,7 @@ class BankCall:
                 seen.add((flag, step, slot))
                 chosen.append(i)
         slices = [slice(first, first + (count - 1) * stride + 1, stride)
-                  for first, count, stride in _arithmetic_runs(chosen)]
+                  for first, count, stride in arithmetic_runs(chosen)]
         writes = [KeyWrite(*self.rows[i][:3], frame=self.rows[i][3]) for i in chosen]
         return slices, writes
 
@@ -113,7 +114,7 @@ class BankCall:
         for count, group in itertools.groupby(rows, key=lambda row: row[1]):
             keys = [key for key, _ in group]
             # Rows without a bank read nothing (they are padded with their own tokens): one segment.
-            for first, n, stride in [(keys[0], len(keys), 1)] if count == 0 else _arithmetic_runs(keys):
+            for first, n, stride in [(keys[0], len(keys), 1)] if count == 0 else arithmetic_runs(keys):
                 segments.append(Segment(start, start + n, first, stride, count))
                 start += n
         return segments
@@ -196,19 +197,3 @@ class BankCall:
             if staged and writes:
                 matchings = self.bank.commit(name, staged, rows, writes, self.geometry, matchings)
         self._staged = {name: {} for name in NAMES}
-
-
-def _arithmetic_runs(indices: list[int]) -> list[tuple[int, int, int]]:
-    """``indices`` (increasing) as maximal runs ``(first, count, stride)``."""
-    runs: list[tuple[int, int, int]] = []
-    for i in indices:
-        if runs:
-            first, count, stride = runs[-1]
-            if count == 1 and i > first:
-                runs[-1] = (first, 2, i - first)
-                continue
-            if i == first + count * stride:
-                runs[-1] = (first, count + 1, stride)
-                continue
-        runs.append((i, 1, 1))
-    return runs

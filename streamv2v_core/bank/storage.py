@@ -21,15 +21,18 @@ call, each at its own step) sees what sequential sampling sees.
 from __future__ import annotations
 
 import logging
+import itertools
 import threading
-import zlib
 from dataclasses import dataclass
 
 import torch
 
+from ..seeds import generator
 from .merging import Matching, apply_matching, random_bipartite_matching
+from .runs import arithmetic_runs
 
 log = logging.getLogger("streamv2v")
+_GENERATIONS = itertools.count(1)
 
 MODES = ("dyme", "queue")
 UNIT = "#unit"  # suffix of the stored unit-norm copy of a tensor (FF's cosine search reads it)
@@ -110,7 +113,7 @@ class FeatureBank:
         self.lock = threading.RLock()
         self.frames_seen = 0
         self.last_reset_reason = "created"
-        self.generation = 0  # counts clears: whoever keeps state about this bank's stream can tell it ended
+        self.generation = next(_GENERATIONS)  # new at every clear, unique across banks: a stream on it ended
         self._groups: dict[str, dict[tuple[int, int], _Group]] = {}  # name -> (T, C) -> group
         self._layer_group: dict[str, dict] = {}  # name -> layer -> (T, C)
         self._counts: dict[tuple, int] = {}  # (name, flag, step) -> frames held
@@ -255,7 +258,7 @@ class FeatureBank:
             keys = [(w.flag * S + w.step) * B + w.slot for w in writes]
         self._layer_group.setdefault(name + UNIT, {}).update({layer: shape for layer in group.layers})
         source, target = group.flat(), unit.flat()
-        for first, count, stride in _progressions(keys):
+        for first, count, stride in arithmetic_runs(keys):
             sl = slice(first, first + (count - 1) * stride + 1, stride)
             target[:, sl] = torch.nn.functional.normalize(source[:, sl].float(), dim=-1).to(target.dtype)
 
@@ -279,8 +282,7 @@ class FeatureBank:
         shape = tuple(like.shape[2:])
         draws = []
         for w in writes:
-            g = torch.Generator(device=like.device)
-            g.manual_seed(zlib.crc32(repr((self.config.seed, shape, w.flag, w.step, w.slot, w.frame)).encode()))
+            g = generator(like.device, self.config.seed, shape, w.flag, w.step, w.slot, w.frame)
             draws.append(torch.rand(layers, tokens, generator=g, device=like.device))
         keys = draws[0].unsqueeze(1) if len(draws) == 1 else torch.stack(draws, dim=1)
         return keys.reshape(layers * len(writes), tokens)
@@ -310,7 +312,7 @@ class FeatureBank:
             self._counts.clear()
             self._writes.clear()
             self._written.clear()
-            self.generation += 1
+            self.generation = next(_GENERATIONS)
             self.frames_seen = 0
             self.last_reset_reason = reason
         if had:
@@ -365,38 +367,17 @@ def describe_changes(old: dict, new: dict) -> str:
     return "; ".join(main or details)
 
 
-def _progressions(indices: list[int]) -> list[tuple[int, int, int]]:
-    """Split sorted-or-not ``indices`` into maximal arithmetic runs ``(first, count, stride)``, in order."""
-    runs, i = [], 0
-    while i < len(indices):
-        j = i + 1
-        stride = indices[j] - indices[i] if j < len(indices) else 1
-        while j < len(indices) and stride > 0 and indices[j] - indices[j - 1] == stride:
-            j += 1
-        if j == i + 1:
-            stride = 1
-        runs.append((indices[i], j - i, stride))
-        i = j
-    return runs
-
-
 def _runs(writes: list[KeyWrite], action, S: int, B: int):
-    """Batches of writes with one action whose flat key indices form an arithmetic run.
+    """Batches of consecutive writes with one action whose flat key indices form an arithmetic run.
 
     Yields ``(first key, count, stride, slice of writes)``.
     """
-    i = 0
-    while i < len(writes):
-        j = i + 1
-        first = (writes[i].flag * S + writes[i].step) * B + writes[i].slot
-        stride = 1
-        if j < len(writes):
-            stride = (writes[j].flag * S + writes[j].step) * B + writes[j].slot - first
-        while (j < len(writes) and stride > 0 and action(writes[j]) == action(writes[i])
-               and (writes[j].flag * S + writes[j].step) * B + writes[j].slot == first + (j - i) * stride):
-            j += 1
-        yield first, j - i, (stride if j - i > 1 else 1), slice(i, j)
-        i = j
+    start = 0
+    for _, group in itertools.groupby(writes, key=action):
+        keys = [(w.flag * S + w.step) * B + w.slot for w in group]
+        for first, count, stride in arithmetic_runs(keys):
+            yield first, count, stride, slice(start, start + count)
+            start += count
 
 
 def _reused(reuse, layers, rows: int) -> Matching | None:

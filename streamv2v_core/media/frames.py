@@ -27,11 +27,20 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.divide(rgb[..., :3], np.float32(255), dtype=np.float32))
 
 
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """``[H, W, 3]`` in 0..1 (any device or float dtype) -> ``uint8 [H, W, 3]`` (contiguous), rounded."""
-    pixels = np.multiply(image.detach()[..., :3].to("cpu", torch.float32).numpy(), np.float32(255))
-    np.clip(pixels, 0, 255, out=pixels)
-    return np.rint(pixels, out=pixels).astype(np.uint8)
+def to_uint8(pixels: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``[..., C]`` in 0..1 -> ``uint8 [..., 3]`` (contiguous), clipped and rounded.
+
+    A torch tensor (any device or float dtype) is converted in float32; a numpy array keeps its
+    float dtype. For display, files and OpenCV input only, never for error arithmetic.
+    """
+    if isinstance(pixels, torch.Tensor):
+        pixels = pixels.detach()[..., :3].to("cpu", torch.float32).numpy()
+    else:
+        pixels = np.asarray(pixels)[..., :3]
+    scale = pixels.dtype.type(255) if pixels.dtype.kind == "f" else np.float32(255)
+    scaled = np.multiply(pixels, scale)
+    np.clip(scaled, 0, 255, out=scaled)
+    return np.rint(scaled, out=scaled).astype(np.uint8)
 
 
 def select_frames(frames: Iterable[Item], skip_first: int = 0, every_nth: int = 1, max_frames: int = 0) -> Iterator[Item]:

@@ -81,9 +81,3 @@ def check_same_shape(output: np.ndarray, source: np.ndarray) -> None:
             f"output_frames are {output.shape[1]}x{output.shape[2]} (HxW) but source_frames are "
             f"{source.shape[1]}x{source.shape[2]}; resize one of them so both have the same size"
         )
-
-
-def to_uint8(frames: np.ndarray) -> np.ndarray:
-    """``float [.., 3]`` in 0..1 -> rounded ``uint8`` in 0..255 (for OpenCV / PySceneDetect input
-    only; never used for error arithmetic)."""
-    return np.round(np.clip(frames, 0.0, 1.0) * 255.0).astype(np.uint8)

@@ -51,7 +51,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._inputs import as_video, check_same_shape, to_uint8
+from ..media.frames import to_uint8
+from ._inputs import as_video, check_same_shape
 
 __all__ = [
     "WarpErrorResult",

@@ -13,11 +13,12 @@ arithmetic per (frame, step) is the same, so both modes give the same frames.
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from ..seeds import generator
 
 # denoise(x [R, C, h, w], sigma [R], frames, steps) -> denoised [R, C, h, w]
 Denoise = Callable[[torch.Tensor, torch.Tensor, list[int], list[int]], torch.Tensor]
@@ -44,8 +45,7 @@ class NoiseSource:
         key = (frame, step, tuple(like.shape), like.device, like.dtype)
         if key in self._kept:
             return self._kept[key]
-        g = torch.Generator(device=like.device)
-        g.manual_seed(zlib.crc32(repr((self.seed, frame, step)).encode()))
+        g = generator(like.device, self.seed, frame, step)
         noise = torch.randn(like.shape, generator=g, device=like.device, dtype=torch.float32).to(like.dtype)
         if self.fixed:
             self._kept[key] = noise
@@ -121,27 +121,3 @@ class StreamPipeline:
         if steps == list(range(first, first + len(steps))):
             return self.sigmas[first:first + len(steps)]  # a view: no kernel
         return torch.stack([self.sigmas[t] for t in steps])
-
-
-def run_pipeline(pipeline: StreamPipeline, latents, first_frame: int, stream_batch: bool = True,
-                 drain: bool = True):
-    """Feed ``latents`` (iterable of ``[1, C, h, w]``) through ``pipeline``; yields ``(frame, denoised)``.
-
-    Frames are numbered from ``first_frame``. Latents are pulled one at a time, when their
-    frame enters the pipeline, so memory does not grow with the stream's length.
-    ``drain=False`` (stream batch only) leaves the last ``S - 1`` frames in flight.
-    """
-    frame = first_frame
-    for latent in latents:
-        pipeline.push(frame, latent)
-        frame += 1
-        while True:
-            finished = pipeline.step()
-            if finished is not None:
-                yield finished
-            if stream_batch or not len(pipeline):
-                break
-    while drain and len(pipeline):
-        finished = pipeline.step()
-        if finished is not None:
-            yield finished

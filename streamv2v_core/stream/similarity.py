@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import random
-import zlib
 
 import torch
 import torch.nn.functional as F
+
+from ..seeds import seed_of
 
 
 def skip_probability(frame: torch.Tensor, reference: torch.Tensor, threshold: float) -> float:
@@ -45,7 +46,7 @@ class SimilarityFilter:
         """frame: an image in 0..1 (e.g. ``[H, W, 3]``). True when it should reuse the previous output."""
         index, self._seen = self._seen, self._seen + 1
         if self._reference is not None and self._skipped < self.max_skips and frame.shape == self._reference.shape:
-            coin = random.Random(zlib.crc32(repr((self.seed, index)).encode())).random()
+            coin = random.Random(seed_of(self.seed, index)).random()
             if coin < skip_probability(frame, self._reference, self.threshold):
                 self._skipped += 1
                 return True
