@@ -27,6 +27,7 @@ tiny_clip(kind="sd15", seed=0) -> comfy.sd.CLIP  (real tokenizer, tiny random te
 encode_prompt(clip, text) -> CONDITIONING        (what core CLIPTextEncode does)
 random_conditioning(kind="sd15", seed=0, batch=1) -> CONDITIONING
 tiny_checkpoint(kind="sd15", seed=0, vae="taesd") -> (MODEL, CLIP, VAE)
+tiny_controlnet(seed=0) -> comfy.controlnet.ControlNet  (for tiny_sd15_model; hint [B, H, W, 3] images)
 CONTEXT_DIM / POOLED_DIM: dicts keyed by kind ("sd15", "sdxl", "sd15_full")
 """
 from __future__ import annotations
@@ -35,8 +36,11 @@ import math
 
 import torch
 
+import comfy.cldm.cldm
+import comfy.controlnet
 import comfy.model_management as model_management
 import comfy.model_patcher
+import comfy.ops
 import comfy.sd
 import comfy.sd1_clip
 import comfy.sdxl_clip
@@ -162,6 +166,10 @@ def _build_patcher(config_cls, unet_config, seed, dtype, device, out_scale=1.0, 
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
+def _tiny_sd15_config() -> dict:
+    return _unet_config(32, [1, 2, 4, 4], 2, [1, 1, 1, 0], 1, CONTEXT_DIM["sd15"], None, False)
+
+
 def tiny_sd15_model(seed: int = 0, dtype: torch.dtype = torch.float32, device=None, out_scale: float = 1.0,
                     compute_dtype: torch.dtype | None = None):
     """SD1.5-shaped UNet (comfy.supported_models.SD15 / model_base.BaseModel), 8.6M params.
@@ -171,8 +179,7 @@ def tiny_sd15_model(seed: int = 0, dtype: torch.dtype = torch.float32, device=No
     ``dtype=torch.float8_e4m3fn, compute_dtype=torch.float32`` stores the weights in fp8 and
     computes in fp32, as ComfyUI does for a UNet loaded with weight_dtype fp8.
     """
-    cfg = _unet_config(32, [1, 2, 4, 4], 2, [1, 1, 1, 0], 1, CONTEXT_DIM["sd15"], None, False)
-    return _build_patcher(comfy.supported_models.SD15, cfg, seed, dtype, device, out_scale,
+    return _build_patcher(comfy.supported_models.SD15, _tiny_sd15_config(), seed, dtype, device, out_scale,
                           compute_dtype=compute_dtype)
 
 
@@ -307,3 +314,31 @@ def tiny_checkpoint(kind: str = "sd15", seed: int = 0, vae: str = "taesd"):
     else:
         raise ValueError(f"unknown vae {vae!r}, expected 'taesd' or 'full'")
     return model, clip, v
+
+
+# --------------------------------------------------------------------------- ControlNet
+
+def tiny_controlnet(seed: int = 0, zero_conv_std: float = 0.2, hint_gain: float = 20.0):
+    """A ``comfy.controlnet.ControlNet`` (what core ControlNetLoader returns) for ``tiny_sd15_model``.
+
+    ``comfy.cldm.cldm.ControlNet`` built from the tiny SD1.5 UNet's config (as ComfyUI's loader does:
+    the UNet config without ``out_channels``, ``hint_channels=3``), every parameter initialised from
+    ``seed``. A trained ControlNet's zero convolutions start at zero, so with zeros the hint would
+    change nothing: they (and the middle block's) get N(0, zero_conv_std) weights instead, and the hint
+    encoder's last convolution is multiplied by ``hint_gain`` so that different hints give clearly
+    different outputs (with plain random weights the hint's share is ~0.1% of the output). Core
+    ControlNetApply(Advanced) takes it with any IMAGE ``[B, H, W, 3]`` as hint.
+    """
+    config = comfy.supported_models.SD15(_tiny_sd15_config()).unet_config.copy()
+    config.pop("out_channels")
+    config.update(hint_channels=3, dtype=torch.float32, device=torch.device("cpu"),
+                  operations=comfy.ops.disable_weight_init)
+    control_model = comfy.cldm.cldm.ControlNet(**config)
+    init_params_(control_model, seed)
+    g = torch.Generator(device="cpu").manual_seed(int(seed) + 1)
+    with torch.no_grad():
+        for name, p in control_model.named_parameters():
+            if name.startswith(("zero_convs.", "middle_block_out.")) and p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * zero_conv_std)
+        control_model.input_hint_block[-1].weight.mul_(hint_gain)
+    return comfy.controlnet.ControlNet(control_model, load_device=model_management.get_torch_device())
