@@ -75,7 +75,7 @@ def conditioning_inputs() -> list:
         io.Video.Input("hint_video", optional=True,
                        tooltip="control_hint 'hint video': a VIDEO whose frame i is the hint of frame i (replaces "
                                "'hint_file')."),
-        io.Int.Input("blend_frames", default=8, min=0, max=MAX_BLEND_FRAMES, optional=True, advanced=True,
+        io.Int.Input("blend_frames", default=8, min=0, max=MAX_BLEND_FRAMES, optional=True,
                      tooltip="A prompt changed live is blended in over this many frames (0: at once)."),
     ]
 
