@@ -7,12 +7,21 @@ import threading
 
 import comfy.controlnet
 
-RECORDED = collections.deque(maxlen=10_000)  # one entry per ControlNet call: [per-row hint means]
+RECORDED = collections.deque(maxlen=10_000)  # one entry per ControlNet call: a digest per hint row
 _LOCK = threading.Lock()
 
 
 def _tiny_models():
     return sys.modules["streamv2v_test_host_tiny_models"]  # loaded by the package's __init__
+
+
+def _digest(row):
+    """A hint row ``[3, H, W]`` -> [mean, x-weighted mean]: tells frames apart where edges moved."""
+    import torch
+
+    row = row.detach().float().cpu()
+    x = torch.linspace(0, 1, row.shape[-1])
+    return [round(float(row.mean()), 5), round(float((row * x).mean()), 5)]
 
 
 class RecordingControlNet(comfy.controlnet.ControlNet):
@@ -29,8 +38,7 @@ class RecordingControlNet(comfy.controlnet.ControlNet):
         hint = self.cond_hint_original
         if hint is not None:
             with _LOCK:
-                RECORDED.append({"rows": int(x_noisy.shape[0]),
-                                 "hints": [round(float(row.float().mean()), 5) for row in hint]})
+                RECORDED.append({"rows": int(x_noisy.shape[0]), "hints": [_digest(row) for row in hint]})
         return super().get_control(x_noisy, t, cond, batched_number, transformer_options)
 
 
