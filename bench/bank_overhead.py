@@ -145,7 +145,7 @@ def patched(model, name: str, mode: str, size: int, interval: int = INTERVAL):
 
 
 def run_frames(model, cond, vae, frames, stream_batch: bool = True, steps: int = 4, compile: bool = False) -> int:
-    from streamv2v.nodes.stream_engine import StreamSettings, run_stream
+    from streamv2v.nodes.engine import StreamSettings, run_stream
 
     settings = StreamSettings(seed=0, steps=steps, strength=0.4, cfg=1.0, stream_batch=stream_batch, compile=compile)
     return run_stream(model, cond, cond, vae, frames, settings, lambda i, image: None)
@@ -217,8 +217,8 @@ class Breakdown:
         self.seconds: dict[str, dict[str, float]] = {}
 
     def install(self):
-        from streamv2v.streamv2v_core.bank import FeatureBank
-        from streamv2v.streamv2v_core.patches import ExtendedAttention, FeatureFusion
+        from streamv2v.streamv2v_core.bank.storage import FeatureBank
+        from streamv2v.streamv2v_core.bank.patches import ExtendedAttention, FeatureFusion
 
         for cls, attr, part in ((ExtendedAttention, "__call__", "ea"), (FeatureFusion, "__call__", "ff"),
                                 (FeatureBank, "commit", "write")):

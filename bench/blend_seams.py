@@ -62,7 +62,7 @@ def variant_model(model, variant: str, seed: int, frames: int):
     """(model for the variant, its chunks: where seams can be; the whole clip gets the overlapping layout)."""
     from comfy_extras.nodes_context_windows import ContextWindowsManualNode
     from streamv2v.nodes.blend_nodes import RandomizedBlendContext
-    from streamv2v.streamv2v_core.chunks import chunk_windows
+    from streamv2v.streamv2v_core.blend.chunks import chunk_windows
 
     windows = chunk_windows(frames, CHUNK, OVERLAP)
     if variant == "whole clip (no chunks)":
@@ -96,7 +96,7 @@ def jump_ratio(video: np.ndarray, pairs: list[int]) -> float:
 def measure(args) -> tuple[dict, dict]:
     import torch
     from host import tiny_models, tiny_video_models
-    from streamv2v.streamv2v_core.chunks import seam_pairs
+    from streamv2v.streamv2v_core.blend.chunks import seam_pairs
     from streamv2v.streamv2v_core.metrics import mawe, scene_cut_frames, seam_stats
 
     model = tiny_video_models.tiny_wan21_model(0)

@@ -32,7 +32,7 @@ def main() -> None:
     from clips import find_clip, load_clip
     from host import tiny_models as tm
 
-    from streamv2v.streamv2v_core.merging import apply_matching, random_bipartite_matching
+    from streamv2v.streamv2v_core.bank.merging import apply_matching, random_bipartite_matching
 
     unet = build_unet(args, dtype)
     vae = tm.tiny_taesd_vae(1)

@@ -115,7 +115,7 @@ def bank_model(model, label, mode, size, interval):
 
 def run_path(path, model, cond, vae, frames, state_key):
     """Run ``frames`` through the engine along ``path``; returns the number of outputs."""
-    from streamv2v.nodes.stream_engine import CONTINUE, IN_FLIGHT, StreamSettings, run_stream
+    from streamv2v.nodes.engine import CONTINUE, IN_FLIGHT, StreamSettings, run_stream
 
     if path == "stream batch":
         settings = StreamSettings(steps=STEPS, bank_start=IN_FLIGHT)
@@ -128,7 +128,7 @@ def run_path(path, model, cond, vae, frames, state_key):
 
 def measure(args, torch, unet, vae, cond, label, mode, size, interval, path, frames):
     """(counts per frame, wall s per frame, host s per frame outside the UNet, UNet calls per frame)."""
-    from streamv2v.nodes.stream_engine import FRESH, StreamSettings, run_stream
+    from streamv2v.nodes.engine import FRESH, StreamSettings, run_stream
     from streamv2v.streamv2v_core.counting import OpCounter, SyncCounter
 
     probe = Probe(args.device)
@@ -190,7 +190,7 @@ def floor(args, torch, unet, vae, cond):
     """One S-latent UNet call + TAESD encode + decode, straight through ComfyUI's objects: (counts, s)."""
     import comfy.model_management
 
-    from streamv2v.nodes.device_vae import DeviceCodec
+    from streamv2v.nodes.engine.device_vae import DeviceCodec
     from streamv2v.streamv2v_core.counting import OpCounter, SyncCounter
 
     comfy.model_management.load_models_gpu([unet, vae.patcher])

@@ -189,7 +189,7 @@ def run_row(model, vae, positive, negative, clip, settings, meter_device, warmup
     """
     import torch
 
-    from streamv2v.nodes.stream_engine import run_stream
+    from streamv2v.nodes.engine import run_stream
 
     outputs = [None] * clip.shape[0]
     stamps = []
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
 
     from clips import find_clip, load_clip
     from host import tiny_models
-    from streamv2v.nodes.stream_engine import StreamSettings
+    from streamv2v.nodes.engine import StreamSettings
     from streamv2v.streamv2v_core.metrics import warp_error
 
     clip_path = pathlib.Path(args.clip) if os.sep in args.clip else find_clip(args.clip)

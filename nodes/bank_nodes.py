@@ -3,13 +3,12 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..streamv2v_core.bank import MODES, BankConfig, BankHandle
-from ..streamv2v_core.patches import ALL, BLOCK_CHOICES, LOW_RES_DECODER, ExtendedAttention, FeatureFusion
-from .model_patching import patched_clone
+from ..streamv2v_core.bank.storage import MODES, BankConfig, BankHandle
+from ..streamv2v_core.bank.patches import ALL, BLOCK_CHOICES, LOW_RES_DECODER, ExtendedAttention, FeatureFusion
+from ._schema import CATEGORY
+from .engine.bank_wrappers import patched_clone
 
 Bank = io.Custom("STREAMV2V_BANK")
-
-CATEGORY = "StreamV2V"
 
 
 class FeatureBankNode(io.ComfyNode):

@@ -18,8 +18,8 @@ import logging
 
 from aiohttp import web
 
-from ..streamv2v_core.bank import BANKS
-from .stream_engine import NODE_STREAMS
+from ..streamv2v_core.bank.storage import BANKS
+from .engine.streams import STREAMS
 
 log = logging.getLogger("streamv2v")
 MAX_NAME = 200
@@ -57,7 +57,7 @@ async def delete_bank(request: web.Request) -> web.Response:
 def free_all(reason: str) -> int:
     """Drop every bank and stream state; returns the bytes the banks held."""
     held = BANKS.free(reason)
-    NODE_STREAMS.clear()
+    STREAMS.clear()
     log.info("StreamV2V: %s released %.1f MiB of feature banks", reason, held / 2**20)
     return held
 

@@ -24,10 +24,10 @@ import torch
 import comfy.context_windows as cw
 from comfy_api.latest import io
 
-from ..streamv2v_core.chunks import draw_seams, frame_owners
+from ..streamv2v_core.blend.chunks import draw_seams, frame_owners
+from ._schema import CATEGORY, advanced
 
 LOG = logging.getLogger("streamv2v.blend")
-CATEGORY = "StreamV2V"
 FUSE_METHOD = "streamingt2v_randomized_blend"
 FRAME_AXES = {"auto": None, "0 (image batch)": 0, "2 (video frames)": 2}
 
@@ -47,13 +47,6 @@ def core_handler_options(init=cw.IndexListContextHandler.__init__) -> dict:
     StreamingT2V chunk is denoised on its own frames only, so it is switched off where it exists.
     """
     return {"causal_window_fix": False} if "causal_window_fix" in inspect.signature(init).parameters else {}
-
-
-def advanced(input_cls, tooltip: str) -> dict:
-    """Keywords for an advanced V3 input: ``advanced=True`` on ComfyUI versions that have the flag (the
-    widget folds away); older ones show the tooltip, which starts with "Advanced:"."""
-    flag = "advanced" in inspect.signature(input_cls.__init__).parameters
-    return {"tooltip": tooltip, **({"advanced": True} if flag else {})}
 
 
 def settings_error(chunk_length, overlap) -> str | None:

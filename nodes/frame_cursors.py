@@ -7,8 +7,8 @@ import threading
 
 import torch
 
-from ..streamv2v_core.frames import select_frames, selected_count
-from ..streamv2v_core.video_io import shortfall
+from ..streamv2v_core.media.frames import select_frames, selected_count
+from ..streamv2v_core.media.video_io import shortfall
 from .loop_sources import FramePick, SourceChoice
 
 log = logging.getLogger("streamv2v")

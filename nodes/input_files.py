@@ -14,7 +14,7 @@ import os
 
 import folder_paths
 
-from ..streamv2v_core.video_io import IMAGE_EXTENSIONS
+from ..streamv2v_core.media.video_io import IMAGE_EXTENSIONS
 
 NO_FILE = ("no file chosen: pick a video (or a folder of images) from ComfyUI's input folder, upload one with the "
            "node's upload button, or connect a VIDEO")

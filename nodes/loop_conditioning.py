@@ -23,14 +23,15 @@ from typing import Callable
 import torch
 from comfy_api.latest import io
 
-from ..streamv2v_core.frames import fit_to, select_frames
-from ..streamv2v_core.hints import PreviousOutput, as_hint, canny
-from ..streamv2v_core.live_params import MAX_BLEND_FRAMES, Capabilities, Change
-from ..streamv2v_core.patches import FeatureFusion
-from ..streamv2v_core.prompt_schedule import blend_entry, blend_position, parse_schedule
-from ..streamv2v_core.video_io import VideoFileSource
+from ..streamv2v_core.bank.patches import FeatureFusion
+from ..streamv2v_core.live.params import MAX_BLEND_FRAMES, Capabilities, Change
+from ..streamv2v_core.media.frames import fit_to, select_frames
+from ..streamv2v_core.media.hints import PreviousOutput, as_hint, canny
+from ..streamv2v_core.media.video_io import VideoFileSource
+from ..streamv2v_core.stream.conditioning import FrameConditioning
+from ..streamv2v_core.stream.prompt_schedule import blend_entry, blend_position, parse_schedule
+from .engine import banks_of
 from .input_files import input_choices, resolve_input
-from .stream_engine import banks_of
 from .video_input import open_video
 
 log = logging.getLogger("streamv2v")
@@ -231,13 +232,6 @@ def open_hint_reader(choice: ConditioningChoice, hint_video=None):
     return VideoFileSource(resolve_input(choice.hint_file))
 
 
-def _frame_conditioning(**fields):
-    # Imported here, not at the top: the engine's module (frame_conditioning.py) comes with the engine's
-    # per-frame conditioning; without it only loops that use none of this fail, and say why.
-    from ..streamv2v_core.frame_conditioning import FrameConditioning
-    return FrameConditioning(**fields)
-
-
 class LoopConditioning:
     """The engine's ``conditioning(index, image) -> FrameConditioning | None`` for one loop run.
 
@@ -274,7 +268,7 @@ class LoopConditioning:
         positive, hint = self.prompt.positive_for(frame), self.hints(image)
         if positive is None and hint is None and not self.steered:
             return None
-        return _frame_conditioning(positive=positive, hint=hint, control_scale=self.control_scale,
+        return FrameConditioning(positive=positive, hint=hint, control_scale=self.control_scale,
                                    fusion_alpha=self.fusion_alpha)
 
     def _apply(self, change: Change, frame: int) -> None:

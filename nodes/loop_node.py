@@ -10,10 +10,10 @@ from comfy_execution.graph_utils import ExecutionBlocker
 
 import comfy.model_management
 
-from ..streamv2v_core.frames import selected_count
-from ..streamv2v_core.live_session import SESSIONS, check_session_name
-from ..streamv2v_core.prompt_schedule import parse_schedule
-from ..streamv2v_core.video_io import shortfall
+from ..streamv2v_core.live.session import SESSIONS, check_session_name
+from ..streamv2v_core.media.frames import selected_count
+from ..streamv2v_core.media.video_io import shortfall
+from ..streamv2v_core.stream.prompt_schedule import parse_schedule
 from .input_files import check_input, modified_time
 from .loop_conditioning import ConditioningChoice, LoopConditioning, conditioning_inputs
 from .loop_inputs import source_inputs
@@ -21,8 +21,8 @@ from .loop_sink import LoopSink, drops_text
 from .loop_sources import BROWSER, LIVE_SOURCES, VIDEO_FILE, FramePick, FrameStream, SourceChoice
 from .node_status import NodeStatus, node_id_of
 from .output_files import check_prefix
-from .sampler_nodes import CATEGORY, from_inputs, stream_inputs
-from .stream_engine import StreamSettings, run_stream
+from ._schema import CATEGORY, from_inputs, stream_inputs
+from .engine import StreamSettings, run_stream
 from .video_input import video_output
 
 log = logging.getLogger("streamv2v")

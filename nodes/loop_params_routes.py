@@ -1,7 +1,7 @@
 """Live steering routes of a running loop (any source: webcam, camera or file).
 
 POST /streamv2v/loop/{session}/params   JSON object with any of prompt, blend_frames, control_strength,
-                                        ff_alpha, clear_bank (streamv2v_core/live_params.py says the rules)
+                                        ff_alpha, clear_bank (streamv2v_core/live/params.py says the rules)
      200 {"accepted": {...}, "pending": n}: applied to the next frame that enters the stream
      400 {"error": ...}: a bad name, body or value; nothing changes
      404 {"error": ...}: no loop runs that session (no route creates one)
@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 from aiohttp import web
 
-from ..streamv2v_core.live_session import SESSIONS
+from ..streamv2v_core.live.session import SESSIONS
 from .webcam_routes import _session_name
 
 log = logging.getLogger("streamv2v")

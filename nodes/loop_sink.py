@@ -8,9 +8,9 @@ from fractions import Fraction
 
 import torch
 
-from ..streamv2v_core.frames import fit_to, to_uint8
-from ..streamv2v_core.live_session import BrowserSession
-from ..streamv2v_core.mp4_writer import AudioFile, AudioSamples, Mp4Writer
+from ..streamv2v_core.media.frames import fit_to, to_uint8
+from ..streamv2v_core.live.session import BrowserSession
+from ..streamv2v_core.media.mp4_writer import AudioFile, AudioSamples, Mp4Writer
 from .node_status import NodeStatus
 from .output_files import OutputFile, reserve_output
 

@@ -10,9 +10,9 @@ import torch
 
 import comfy.model_management
 
-from ..streamv2v_core.frames import FrameResizer, StreamSizer, select_frames
-from ..streamv2v_core.live_session import BrowserSession, live_frames
-from ..streamv2v_core.video_io import CameraSource, ImageFolderSource, VideoFileSource
+from ..streamv2v_core.media.frames import FrameResizer, StreamSizer, select_frames
+from ..streamv2v_core.live.session import BrowserSession, live_frames
+from ..streamv2v_core.media.video_io import CameraSource, ImageFolderSource, VideoFileSource
 from .input_files import resolve_input
 from .node_status import NodeStatus
 from .video_input import open_video

@@ -31,9 +31,8 @@ from ..streamv2v_core.metrics import (
     scene_cut_frames,
     seam_stats,
 )
-from .blend_nodes import advanced
+from ._schema import CATEGORY, advanced
 
-CATEGORY = "StreamV2V"
 CLIP_BATCH = 16  # frames per CLIP vision call
 
 

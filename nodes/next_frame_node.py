@@ -10,7 +10,7 @@ from .frame_cursors import CURSORS, FrameCursor
 from .input_files import check_input
 from .loop_inputs import source_inputs
 from .loop_sources import FILE_SOURCES, FramePick, SourceChoice
-from .sampler_nodes import CATEGORY, from_inputs
+from ._schema import CATEGORY, from_inputs
 
 log = logging.getLogger("streamv2v")
 

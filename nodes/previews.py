@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..streamv2v_core.frames import to_uint8
+from ..streamv2v_core.media.frames import to_uint8
 
 PREVIEW_SIZE = 512
 PREVIEW_INTERVAL_S = 0.25  # previews at most four times a second: each costs an encode

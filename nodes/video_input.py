@@ -15,8 +15,8 @@ import os
 
 from comfy_api.latest import Input, InputImpl
 
-from ..streamv2v_core.mp4_writer import AudioSamples
-from ..streamv2v_core.video_io import TensorSource, VideoFileSource
+from ..streamv2v_core.media.mp4_writer import AudioSamples
+from ..streamv2v_core.media.video_io import TensorSource, VideoFileSource
 
 log = logging.getLogger("streamv2v")
 

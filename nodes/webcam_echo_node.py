@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..streamv2v_core.live_session import SESSIONS, check_session_name
+from ..streamv2v_core.live.session import SESSIONS, check_session_name
 from .loop_sink import LoopSink, drops_text
 from .loop_sources import BrowserSource, FramePick, FrameStream
 from .node_status import NodeStatus, node_id_of
-from .sampler_nodes import CATEGORY
+from ._schema import CATEGORY
 
 
 class StreamV2VWebcamEcho(io.ComfyNode):

@@ -32,7 +32,7 @@ import time
 
 from aiohttp import WSMsgType, web
 
-from ..streamv2v_core.live_session import SESSIONS, BrowserSession, check_session_name
+from ..streamv2v_core.live.session import SESSIONS, BrowserSession, check_session_name
 
 log = logging.getLogger("streamv2v")
 MAX_FRAME_BYTES = 16 * 1024 * 1024

@@ -26,8 +26,8 @@ from host import tiny_models  # noqa: E402
 from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch  # noqa: E402
 from streamv2v.nodes.loop_node import StreamV2VLoop  # noqa: E402
 from streamv2v.streamv2v_core.metrics import mawe, scene_cuts, warp_error  # noqa: E402
-from streamv2v.streamv2v_core.mp4_writer import Mp4Writer  # noqa: E402
-from streamv2v.streamv2v_core.video_io import VideoFileSource  # noqa: E402
+from streamv2v.streamv2v_core.media.mp4_writer import Mp4Writer  # noqa: E402
+from streamv2v.streamv2v_core.media.video_io import VideoFileSource  # noqa: E402
 
 
 def make_clip(path: pathlib.Path, frames: int, size: int, fps: int = 12) -> None:

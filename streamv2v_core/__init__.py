@@ -4,11 +4,11 @@ Nothing here imports ComfyUI; ``patches`` speaks ComfyUI's transformer-patch pro
 through plain dicts, and ``calls`` holds what one model call reads and writes, so both
 can be tested without a host.
 """
-from .attention import extend_with_bank, feature_fusion
-from .bank import BANKS, BankConfig, BankHandle, BankRegistry, FeatureBank
-from .calls import CALLS_KEY, PLAN_KEY, BankCall, RowPlan
-from .merging import Matching, apply_matching, random_bipartite_matching
-from .patches import BLOCK_CHOICES, ExtendedAttention, FeatureFusion
+from .bank.attention import extend_with_bank, feature_fusion
+from .bank.storage import BANKS, BankConfig, BankHandle, BankRegistry, FeatureBank
+from .bank.calls import CALLS_KEY, PLAN_KEY, BankCall, RowPlan
+from .bank.merging import Matching, apply_matching, random_bipartite_matching
+from .bank.patches import BLOCK_CHOICES, ExtendedAttention, FeatureFusion
 
 __all__ = [
     "BANKS", "BLOCK_CHOICES", "BankCall", "BankConfig", "BankHandle", "BankRegistry", "CALLS_KEY",

@@ -11,7 +11,7 @@ from host import tiny_models
 from host.comfy038 import emulate_038_clone
 from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch
 from streamv2v.streamv2v_core import BANKS
-from streamv2v.streamv2v_core.patches import FeatureFusion, step_of
+from streamv2v.streamv2v_core.bank.patches import FeatureFusion, step_of
 
 LATENT = 16  # 128x128 images: 256 tokens at full resolution
 
@@ -249,7 +249,7 @@ def test_patches_trace_without_graph_breaks_and_reuse_the_graph_across_frames():
     # pytest captures every log record; torch's structured trace log at DEBUG makes tracing ~80x slower.
     logging.getLogger("torch.__trace").setLevel(logging.WARNING)
     from comfy.ldm.modules.attention import BasicTransformerBlock
-    from streamv2v.streamv2v_core.calls import CALLS_KEY, BankCall, RowPlan
+    from streamv2v.streamv2v_core.bank.calls import CALLS_KEY, BankCall, RowPlan
 
     block = tiny_models.init_params_(BasicTransformerBlock(32, 4, 8, context_dim=16,
                                                            operations=comfy.ops.disable_weight_init), 3)
@@ -288,10 +288,10 @@ def test_patches_trace_without_graph_breaks_and_reuse_the_graph_across_frames():
 
 
 def test_compiled_path_falls_back_cleanly_when_it_cannot_apply(caplog, monkeypatch):
-    from streamv2v.nodes import stream_engine
+    from streamv2v.nodes.engine import compiled_unet
     from streamv2v.nodes.sampler_nodes import StreamV2VSampler
 
-    monkeypatch.setattr(stream_engine, "COMPILE_BACKEND", "no-such-backend")
+    monkeypatch.setattr(compiled_unet, "COMPILE_BACKEND", "no-such-backend")
     model = _patch(tiny_models.tiny_sd15_model(0), _bank("fallback"))
     vae, cond = tiny_models.tiny_taesd_vae(1), tiny_models.random_conditioning("sd15", 1)
     frames = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(1))

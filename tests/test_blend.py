@@ -30,7 +30,7 @@ from streamv2v.nodes.blend_nodes import (
     _blend_weights,
     core_handler_options,
 )
-from streamv2v.streamv2v_core.chunks import chunk_windows, draw_seams, frame_owners
+from streamv2v.streamv2v_core.blend.chunks import chunk_windows, draw_seams, frame_owners
 from test_chunks import CHI2_999, chi_square
 
 WAN, SD15 = "wan21", "sd15"

@@ -1,4 +1,4 @@
-"""streamv2v_core.chunks (StreamingT2V randomized blending, section 4.3), checked against the paper.
+"""streamv2v_core.blend.chunks (StreamingT2V randomized blending, section 4.3), checked against the paper.
 
 Pure logic, no model: the layout equals ComfyUI's standard_static context schedule, every frame has
 exactly one owner inside it, the cuts are uniform over each overlap's O + 1 positions (chi-square, fixed
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamv2v.streamv2v_core.chunks import chunk_windows, draw_seams, frame_owners, join_chunks, seam_pairs
+from streamv2v.streamv2v_core.blend.chunks import chunk_windows, draw_seams, frame_owners, join_chunks, seam_pairs
 
 # chi-square critical values at p = 0.001 for 1..24 degrees of freedom
 CHI2_999 = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88, 29.59, 31.26, 32.91, 34.53, 36.12,

@@ -6,11 +6,12 @@ import pickle
 import pytest
 import torch
 
-from streamv2v.streamv2v_core import attention, bank as bank_mod, merging, patches
-from streamv2v.streamv2v_core.bank import BankConfig, BankHandle, BankRegistry, FeatureBank
-from streamv2v.streamv2v_core.calls import CALLS_KEY, BankCall, RowPlan
-from streamv2v.streamv2v_core.schedule import strength_timesteps
-from streamv2v.streamv2v_core.similarity import SimilarityFilter, skip_probability
+from streamv2v.streamv2v_core.bank import attention, merging, patches
+from streamv2v.streamv2v_core.bank import storage as bank_mod
+from streamv2v.streamv2v_core.bank.storage import BankConfig, BankHandle, BankRegistry, FeatureBank
+from streamv2v.streamv2v_core.bank.calls import CALLS_KEY, BankCall, RowPlan
+from streamv2v.streamv2v_core.stream.schedule import strength_timesteps
+from streamv2v.streamv2v_core.stream.similarity import SimilarityFilter, skip_probability
 
 
 def _gen(seed):

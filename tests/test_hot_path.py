@@ -12,8 +12,8 @@ import torch
 import comfy.patcher_extension
 from host import tiny_models
 from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch
-from streamv2v.nodes.device_vae import DeviceCodec
-from streamv2v.nodes.stream_engine import IN_FLIGHT, StreamSettings, run_stream
+from streamv2v.nodes.engine.device_vae import DeviceCodec
+from streamv2v.nodes.engine import IN_FLIGHT, StreamSettings, run_stream
 from streamv2v.streamv2v_core import BANKS
 from streamv2v.streamv2v_core.counting import OpCounter, SyncCounter
 

@@ -1,4 +1,4 @@
-"""The browser webcam's sessions (streamv2v_core.live_session): bad frames dropped, newest frame wins, bounded."""
+"""The browser webcam's sessions (streamv2v_core.live.session): bad frames dropped, newest frame wins, bounded."""
 import io
 import threading
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from streamv2v.streamv2v_core.frames import FrameResizer, StreamSizer
-from streamv2v.streamv2v_core.live_session import (BadFrame, BrowserSession, SessionRegistry, check_session_name,
+from streamv2v.streamv2v_core.media.frames import FrameResizer, StreamSizer
+from streamv2v.streamv2v_core.live.session import (BadFrame, BrowserSession, SessionRegistry, check_session_name,
                                                    decode_frame, live_frames)
 
 

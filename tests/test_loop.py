@@ -27,7 +27,7 @@ from streamv2v.nodes.frame_cursors import CURSORS
 from streamv2v.nodes.loop_node import StreamV2VLoop
 from streamv2v.nodes.next_frame_node import StreamV2VNextFrame
 from streamv2v.streamv2v_core import BANKS
-from streamv2v.streamv2v_core.mp4_writer import Mp4Writer
+from streamv2v.streamv2v_core.media.mp4_writer import Mp4Writer
 
 
 @pytest.fixture

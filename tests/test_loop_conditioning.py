@@ -10,10 +10,11 @@ from host.clips import make_clip, read_back
 from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch
 from streamv2v.nodes.loop_conditioning import (HINT_CANNY, HINT_FRAME, HINT_PREVIOUS, HINT_VIDEO,
                                                ConditioningChoice, LoopConditioning)
-from streamv2v.streamv2v_core import BANKS, hints
-from streamv2v.streamv2v_core.live_params import Capabilities, parse_change
-from streamv2v.streamv2v_core.live_session import SESSIONS
-from streamv2v.streamv2v_core.prompt_schedule import lerp_tokens
+from streamv2v.streamv2v_core import BANKS
+from streamv2v.streamv2v_core.live.params import Capabilities, parse_change
+from streamv2v.streamv2v_core.live.session import SESSIONS
+from streamv2v.streamv2v_core.media import hints
+from streamv2v.streamv2v_core.stream.prompt_schedule import lerp_tokens
 
 
 class CountingClip:

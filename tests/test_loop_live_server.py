@@ -54,7 +54,7 @@ def forget_rows(server) -> None:
 
 
 def expected_hints(path, make) -> list[tuple[float, float]]:
-    from streamv2v.streamv2v_core.video_io import VideoFileSource
+    from streamv2v.streamv2v_core.media.video_io import VideoFileSource
 
     source = VideoFileSource(str(path))
     try:
@@ -74,7 +74,7 @@ def check_rows(calls, expected):
 
 @pytest.mark.parametrize("mode", ["canny (OpenCV)", "hint video"])
 def test_each_frame_carries_its_own_hint_through_the_stream_batch(comfy_server, mode):
-    from streamv2v.streamv2v_core import hints
+    from streamv2v.streamv2v_core.media import hints
 
     make_clip(comfy_server.input_dir / "hint_src.mp4", frames=8, fps=8, tone=False)
     # the hint video: another moving pattern (a bar moving the other way), so each frame's hint is its own

@@ -1,11 +1,12 @@
-"""Keyframed prompt schedules and weight-free ControlNet hints (streamv2v_core/prompt_schedule.py, hints.py)."""
+"""Keyframed prompt schedules and weight-free ControlNet hints (streamv2v_core/stream/prompt_schedule.py,
+media/hints.py)."""
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from streamv2v.streamv2v_core import hints
-from streamv2v.streamv2v_core.prompt_schedule import (Keyframe, blend_entry, blend_position, lerp_tokens,
+from streamv2v.streamv2v_core.media import hints
+from streamv2v.streamv2v_core.stream.prompt_schedule import (Keyframe, blend_entry, blend_position, lerp_tokens,
                                                       parse_schedule)
 
 

@@ -8,12 +8,12 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.utils
 from host import tiny_models
-from streamv2v.nodes import sampler_nodes, stream_engine
+from streamv2v.nodes import engine as stream_engine, sampler_nodes
 from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch
 from streamv2v.nodes.sampler_nodes import StreamV2VSampler
-from streamv2v.nodes.stream_engine import CONTINUE, FRESH, IN_FLIGHT, StreamSettings, run_stream
+from streamv2v.nodes.engine import CONTINUE, FRESH, IN_FLIGHT, StreamSettings, run_stream
 from streamv2v.streamv2v_core import BANKS
-from streamv2v.streamv2v_core.stream import NoiseSource, StreamPipeline, run_pipeline
+from streamv2v.streamv2v_core.stream.pipeline import NoiseSource, StreamPipeline, run_pipeline
 
 SIZE = 64
 

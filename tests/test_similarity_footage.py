@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from streamv2v.streamv2v_core.similarity import SimilarityFilter
+from streamv2v.streamv2v_core.stream.similarity import SimilarityFilter
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
 from clips import _look, load_clip  # noqa: E402

@@ -17,7 +17,7 @@ from typing import List, Sequence
 
 import numpy as np
 
-from ..chunks import chunk_windows, seam_pairs
+from ..blend.chunks import chunk_windows, seam_pairs
 from .warp import MaweResult, mawe_value
 
 __all__ = ["SeamStats", "chunk_boundary_pairs", "seam_stats"]

@@ -4,7 +4,7 @@ Usage (first thing, before importing torch-heavy or comfy modules)::
 
     from host.inprocess import setup_host    # bench scripts: from _host import setup_host
     pack = setup_host(device="cpu")          # or "cuda"
-    from streamv2v.nodes.stream_engine import run_stream
+    from streamv2v.nodes.engine import run_stream
     from host import tiny_models             # tests/host helpers (random-weight models)
 
 - ComfyUI is taken from $COMFYUI_PATH or <repo>/.comfyui (``bash scripts/setup_host.sh``).

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import extend_with_bank, feature_fusion
-from .bank import UNIT, FeatureBank, KeyWrite
+from .storage import UNIT, FeatureBank, KeyWrite
 
 PLAN_KEY = "streamv2v_rows"  # transformer_options: the driver's RowPlan for this call
 CALLS_KEY = "streamv2v_calls"  # transformer_options: {bank name: BankCall} for this call
@@ -35,12 +35,14 @@ class RowPlan:
     frames, steps: one entry per row of a chunk (every chunk has the same rows).
     total_steps: steps per frame (sizes the bank's storage).
     slots: image index within a key (a KSampler batch); None = all 0 (one image per frame).
+    fusion_alpha: replaces feature fusion's alpha for this call (the rows' frames chose it live).
     """
 
     frames: tuple[int, ...]
     steps: tuple[int, ...]
     total_steps: int
     slots: tuple[int, ...] | None = None
+    fusion_alpha: float | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class BankCall:
                              f"in {len(flags)} chunks")
         slots = plan.slots or (0,) * per_chunk
         self.bank = bank
+        self.fusion_alpha = plan.fusion_alpha
         self.rows = [(flag, plan.steps[j], slots[j], plan.frames[j]) for flag in flags for j in range(per_chunk)]
         self.geometry = (max(flags) + 1, plan.total_steps, max(slots) + 1)
         self.deepest: dict[tuple, int] = {}  # latent (H, W) -> deepest resolution level seen in this call
@@ -147,6 +150,8 @@ class BankCall:
 
     def fuse(self, layer, out: torch.Tensor, alpha: float, threshold: float) -> torch.Tensor:
         """FF: each row of ``out`` ``[R, T, C]`` fused with its nearest banked output (eq. 2)."""
+        if self.fusion_alpha is not None:
+            alpha = self.fusion_alpha
         self._stage("o", layer, out)
         segments = self._readable("o", layer, out)
         if segments is None:

@@ -18,9 +18,10 @@ import torch
 
 import comfy.patcher_extension
 
-from ..streamv2v_core.bank import BankHandle, FeatureBank
-from ..streamv2v_core.calls import CALLS_KEY, PLAN_KEY, BankCall, RowPlan
-from ..streamv2v_core.patches import STREAM_KEY, step_of
+from ...streamv2v_core.bank.storage import BankHandle, FeatureBank
+from ...streamv2v_core.bank.calls import CALLS_KEY, PLAN_KEY, BankCall, RowPlan
+from ...streamv2v_core.bank.patches import STREAM_KEY, step_of
+from .signatures import sampler_signature
 
 RUN_BANKS_KEY = "streamv2v_banks"  # transformer_options: {bank name: FeatureBank} resolved once per run
 WRAPPER_KEY = "streamv2v.bank.{}"
@@ -107,46 +108,3 @@ class FrameCounter:
             return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:
             bank.end_frame()  # a cancelled run counts too: the steps it reached are in the bank
-
-
-# --------------------------------------------------------------------------- signatures
-
-def model_parts(model_patcher) -> dict:
-    """Signature parts of the model itself: ``{name: (comparable, shown)}`` (shown None = not shown)."""
-    sources, strengths = set(), set()
-    for key, entries in model_patcher.patches.items():
-        for entry in entries:
-            strength, patch = entry[0], entry[1]
-            weights = getattr(patch, "weights", patch)
-            first = weights[0] if isinstance(weights, (tuple, list)) and weights else weights
-            sources.add((key, id(first)))
-            strengths.add(round(float(strength), 4))
-    shown = ", ".join(f"{s:g}" for s in sorted(strengths)) if strengths else "none"
-    return {
-        "model (checkpoint or model loader)": ((id(model_patcher.model), type(model_patcher.model).__name__), None),
-        "LoRA or weight patches": (frozenset(sources), f"{len(sources)} patched weights" if sources else "none"),
-        # Reported when it is the only LoRA change (a LoRA added or removed changes it too).
-        "LoRA strength": (shown, shown, "detail"),
-        "model dtype": (str(model_patcher.model_dtype()).replace("torch.", ""),
-                        str(model_patcher.model_dtype()).replace("torch.", "")),
-    }
-
-
-def frame_size_part(latent_shape, downscale: int = 8) -> tuple:
-    """Signature part for the frame size, shown in pixels: ``("64x64x4", "512x512")``."""
-    h, w = latent_shape[-2], latent_shape[-1]
-    return ("x".join(str(s) for s in latent_shape[1:]), f"{w * downscale}x{h * downscale}")
-
-
-def sampler_signature(guider, latent_image, sigmas) -> dict:
-    """What a plain sampler run's features depend on (see ``FeatureBank.check_signature``)."""
-    schedule = [round(float(s), 4) for s in sigmas.flatten().tolist()]
-    parts = model_parts(guider.model_patcher)
-    parts.update({
-        "frame size": frame_size_part(latent_image.shape),
-        "batch size": (latent_image.shape[0], latent_image.shape[0]),
-        "steps": (len(schedule) - 1, len(schedule) - 1),
-        "noise schedule (denoise, scheduler or model sampling)": (tuple(schedule), None, "detail"),
-        "cfg": (float(guider.cfg), f"{float(guider.cfg):g}"),
-    })
-    return parts

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .frames import to_tensor
-from .live_params import LiveParams
+from ..media.frames import to_tensor
+from .params import LiveParams
 
 log = logging.getLogger("streamv2v")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bank import BANKS, BankHandle
+from .storage import BANKS, BankHandle
 from .calls import CALLS_KEY, BankCall
 
 log = logging.getLogger("streamv2v")

@@ -110,7 +110,7 @@ class FeatureBank:
         self.lock = threading.RLock()
         self.frames_seen = 0
         self.last_reset_reason = "created"
-        self.stream = None  # the stream engine's state (in-flight latents, filter); dropped on reset
+        self.generation = 0  # counts clears: whoever keeps state about this bank's stream can tell it ended
         self._groups: dict[str, dict[tuple[int, int], _Group]] = {}  # name -> (T, C) -> group
         self._layer_group: dict[str, dict] = {}  # name -> layer -> (T, C)
         self._counts: dict[tuple, int] = {}  # (name, flag, step) -> frames held
@@ -302,15 +302,15 @@ class FeatureBank:
             return reason
 
     def reset(self, reason: str = "reset requested") -> None:
-        """Forget every stored feature, the frame count and the engine's stream state."""
+        """Forget every stored feature and the frame count; a new generation starts (streams on it end)."""
         with self.lock:
-            had = bool(self._counts) or self.frames_seen > 0 or self.stream is not None
+            had = bool(self._counts) or self.frames_seen > 0
             self._groups.clear()
             self._layer_group.clear()
             self._counts.clear()
             self._writes.clear()
             self._written.clear()
-            self.stream = None
+            self.generation += 1
             self.frames_seen = 0
             self.last_reset_reason = reason
         if had:
