@@ -80,7 +80,7 @@ def test_each_frame_carries_its_own_hint_through_the_stream_batch(comfy_server, 
     # the hint video: another moving pattern (a bar moving the other way), so each frame's hint is its own
     make_clip(comfy_server.input_dir / "hint_hint.mp4", frames=8, size=(64, 64), fps=8, tone=False)
     extra = {"hint_file": "hint_hint.mp4"} if mode == "hint video" else {}
-    prompt = controlnet_prompt(f"hints/{mode[:5]}", "hint_src.mp4", control_hint=mode, **extra)
+    prompt = controlnet_prompt(f"hints/{mode.split()[0]}", "hint_src.mp4", control_hint=mode, **extra)
     forget_rows(comfy_server)
     entry = comfy_server.run(prompt, timeout=300)
     assert comfy_server.output_files(entry)
