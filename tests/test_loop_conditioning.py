@@ -173,3 +173,38 @@ def test_choices_the_inputs_cannot_serve_are_refused_before_any_work(parts):
         LoopConditioning(model, positive, None, ConditioningChoice(control_hint=HINT_VIDEO))
     with pytest.raises(ValueError, match="line 2"):
         LoopConditioning(model, positive, clip, ConditioningChoice(prompt_schedule="0: a\nb"))
+
+
+def test_a_live_prompt_reaches_the_output_of_the_next_frame_through_the_engine(parts):
+    """Through the real engine (stream batch, 2 steps): a prompt sent while frame 5 enters changes output 5 on, and
+    not one output before it; every frame comes out; one CLIP encode."""
+    from streamv2v.nodes.engine import StreamSettings, run_stream
+
+    model, clip, positive = parts
+    vae = tiny_models.tiny_taesd_vae(0)
+    stream = frames(10, seed=11)
+    settings = StreamSettings(steps=2, strength=0.5)
+
+    def run(change_at=None):
+        session = SESSIONS.get("cond_engine")
+        provider = LoopConditioning(model, positive, clip, ConditioningChoice(blend_frames=3), session)
+        outputs = {}
+
+        def source():
+            for i, frame in enumerate(stream):
+                if i == change_at:
+                    session.params.offer({"prompt": "oil painting"})
+                yield frame
+        run_stream(model, positive, positive, vae, source(), settings, provider.watch(outputs.__setitem__),
+                   conditioning=provider)
+        provider.close()
+        return [outputs[i] for i in range(len(stream))], session.params.status()
+
+    clip.encodes.clear()
+    plain, _ = run()
+    changed, status = run(change_at=5)
+    assert len(clip.encodes) == 1 and status["log"] == [{"frame": 5, "change": "prompt 'oil painting'"}]
+    for i in range(5):
+        assert torch.equal(plain[i], changed[i]), f"output {i} changed before the prompt did"
+    for i in range(5, 10):
+        assert (plain[i] - changed[i]).abs().max() > 1e-3, f"output {i} did not follow the new prompt"
