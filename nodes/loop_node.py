@@ -113,7 +113,11 @@ class StreamV2VLoop(io.ComfyNode):
         sizer = pick.sizer()
         frame_conditioning = LoopConditioning(model, positive, clip, from_inputs(ConditioningChoice, inputs), session,
                                               hint_video, pick.skip_first, pick.every_nth)
-        reader = origin.open(video, session, sizer, status=lambda: status)
+        try:
+            reader = origin.open(video, session, sizer, status=lambda: status)
+        except BaseException:
+            frame_conditioning.close()  # its hint video, and the session's live params
+            raise
         live = origin.source == BROWSER and video is None
         session.start()
         try:

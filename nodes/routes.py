@@ -1,7 +1,7 @@
 """HTTP routes under /streamv2v/, added to the running ComfyUI server once.
 
-Webcam and loop routes: nodes/webcam_routes.py; live steering of a loop: nodes/loop_params_routes.py. Bank routes (and releasing banks with
-ComfyUI's "Free memory"): nodes/bank_routes.py.
+Webcam and loop routes: nodes/webcam_routes.py; live steering of a loop: nodes/loop_params_routes.py.
+Bank routes (and releasing banks with ComfyUI's "Free memory"): nodes/bank_routes.py.
 
 Routes are added only when a ComfyUI server exists (``server.PromptServer.instance``), so
 importing the pack in-process (tests, scripts) registers nothing.

@@ -1,7 +1,8 @@
 """The performer's panel on StreamV2VLoop in headless Chromium (fake camera) against the real server: one click starts
 a take (camera + queued workflow: tiny checkpoint, canny ControlNet, feature bank, CLIP on the loop), a prompt typed in
 the panel reaches the running loop at the next frame (no frame dropped, the bank never cleared, the loop never
-restarted, one CLIP encode), one click stops it (camera off, MP4 complete), and after a page reload the panel joins
+restarted, one CLIP encode), the pop-out window gets
+the frames too, one click stops it (camera off, MP4 complete), and after a page reload the panel joins
 the still-running loop and shows its frames with a positive latency measured on the new page's clock.
 
 STREAMV2V_UPDATE_SCREENSHOTS=1 also writes docs/live_panel.png (the panel while streaming). Needs Debian's chromium.
@@ -180,6 +181,16 @@ async def _reload_and_join(server, cdp) -> dict:
     shown = await cdp.js(f"{PANEL}.stats.shown")
     assert running_prompts(server) == [prompt_id]  # joined the running loop: nothing queued twice
     assert 0 < latency < 60_000, latency
+    # the projector window gets every frame too (a click is a user gesture: no pop-up blocker; last,
+    # since a page with a user gesture asks before it reloads)
+    await cdp.call("Runtime.evaluate", expression=f"{PANEL}.popButton.click()", userGesture=True)
+    before = await cdp.js(f"{PANEL}.stats.shown")
+    state = f"[{PANEL}.stats.shown, !!{PANEL}.popup, {PANEL}.popup?.closed, {PANEL}.popupCanvas()?.width ?? null]"
+    try:
+        await cdp.wait_for(f"{PANEL}.stats.shown > {before} && {PANEL}.popupCanvas()?.width === 64", timeout=60)
+    except TimeoutError:
+        raise AssertionError(f"pop-out: [shown, popup, closed, canvas width] = {await cdp.js(state)}") from None
+    await cdp.js(f"{PANEL}.popup.close() || true")
     await cdp.js(f"{PANEL}.toggleButton.click() || true")
     await asyncio.to_thread(server.wait, prompt_id, 120)
     return {"reload_shown": shown, "reload_latency": latency}
