@@ -103,9 +103,22 @@ def test_performer_panel_take_live_prompt_and_reload(comfy_server, tmp_path):
           f"after reload: {figures['reload_shown']} frames shown, latency {figures['reload_latency']:.0f} ms")
 
 
+async def _wait_ready(cdp, expression=READY, timeout=120.0):
+    """Wait for the page, also while it is still navigating (an evaluate then fails: try again)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return await cdp.wait_for(expression, timeout=max(1.0, deadline - asyncio.get_running_loop().time()))
+        except RuntimeError as error:  # "Inspected target navigated or closed"
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            print(f"page not ready yet ({error}); waiting")
+            await asyncio.sleep(1.0)
+
+
 async def _take(server, chrome, tmp_path) -> dict:
     async with chrome.page() as cdp:
-        await cdp.wait_for(READY, timeout=120)
+        await _wait_ready(cdp)
         await cdp.close_dialogs()
         await cdp.js(f"{BUILD_GRAPH}({json.dumps(SESSION)}, {json.dumps(BANK)})")
         hidden = await cdp.js("window.loop.widgets.filter((w) => w.hidden).map((w) => w.name).sort()")
@@ -171,7 +184,7 @@ async def _reload_and_join(server, cdp) -> dict:
     (prompt_id,) = running_prompts(server)
     await cdp.js("window.streamv2vOldPage = true")
     await cdp.call("Page.reload", ignoreCache=True)
-    await cdp.wait_for(f"!window.streamv2vOldPage && {READY}", timeout=120)
+    await _wait_ready(cdp, f"!window.streamv2vOldPage && {READY}")
     await cdp.wait_for("!!window.app?.graph?._nodes?.some((n) => n.type === 'StreamV2VLoop')", timeout=60)
     await cdp.close_dialogs()
     await cdp.js("(() => { window.loop = app.graph._nodes.find((n) => n.type === 'StreamV2VLoop'); return true; })()")

@@ -48,7 +48,9 @@ export class LiveControls {
     this.alpha.input.addEventListener("change", () => this.post({ ff_alpha: Number(this.alpha.input.value) }));
     const blendLabel = element("label", "display:flex;align-items:center;gap:4px;font-size:12px;", "blend");
     this.blend = element("input", "width:4em;");
-    Object.assign(this.blend, { type: "number", min: 0, max: 1000, step: 1, value: 8, title: "frames a new prompt is blended in over" });
+    const blendWidget = panel.node.widgets?.find((w) => w.name === "blend_frames");
+    Object.assign(this.blend, { type: "number", min: 0, max: 1000, step: 1, value: blendWidget?.value ?? 8,
+                                title: "frames a new prompt is blended in over" });
     blendLabel.append(this.blend, "frames");
     this.clear = element("button", "font-size:12px;padding:3px 10px;border-radius:6px;cursor:pointer;", "Clear bank");
     this.clear.addEventListener("click", () => this.post({ clear_bank: true }));

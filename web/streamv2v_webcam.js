@@ -131,6 +131,7 @@ export class WebcamPanel {
 
   async startTake() {
     this.taking = true;
+    this.sawRunning = false;
     this.renderToggle();
     this.resetStats();
     if (this.source === BROWSER) await this.start();
@@ -145,6 +146,18 @@ export class WebcamPanel {
         this.say(`could not queue: ${error.message}`);
       }
     } else this.say("the loop of this session already runs: joined it");
+  }
+
+  // The loop ended on its own (a file ran out, an error, Stop from another page): the toggle says so.
+  loopEnded() {
+    this.taking = this.sawRunning = false;
+    this.renderToggle();
+    this.stream?.getTracks().forEach((track) => track.stop());
+    this.stream = null;
+    const socket = this.socket;
+    this.socket = null;
+    socket?.close();
+    this.say("the loop ended");
   }
 
   async stopTake() {
@@ -210,6 +223,8 @@ export class WebcamPanel {
       this.sendFrame();
     } else if (message.type === "status") {
       this.server = message;
+      if (message.running) this.sawRunning = true;
+      else if (this.taking && this.sawRunning) this.loopEnded();
       this.render();
     }
   }
