@@ -124,7 +124,11 @@ async def _take(server, chrome, tmp_path) -> dict:
         hidden = await cdp.js("window.loop.widgets.filter((w) => w.hidden).map((w) => w.name).sort()")
         assert hidden == ["camera_index", "every_nth", "file", "fps", "hint_file", "upload"], hidden
         await cdp.js(f"{PANEL}.toggleButton.click() || true")  # one click: camera on, workflow queued
-        await cdp.wait_for(f"{PANEL}.stats.shown >= 4", timeout=240)
+        try:
+            await cdp.wait_for(f"{PANEL}.stats.shown >= 4", timeout=240)
+        except TimeoutError:
+            shown = await cdp.js(f"[{PANEL}.status.textContent, {PANEL}.taking, {PANEL}.stats.sent]")
+            raise AssertionError(f"no frames shown: {shown}\n{server.log_tail(30)}") from None
         (prompt_id,) = running_prompts(server)
         figures = await _change_prompt(server, cdp)
         await _screenshot_node(cdp, tmp_path / "live_panel.png")
