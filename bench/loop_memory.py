@@ -2,12 +2,15 @@
 for a file in the input folder and for the same file as a ComfyUI VIDEO (core LoadVideo's VideoFromFile).
 
     .venv/bin/python -P bench/loop_memory.py [--frames 2000] [--check 200] [--steps 2] [--source both] [--threads 1]
+                                             [--conditioning schedule+controlnet]
 
 Generates a 64x64 H.264 clip with a 440 Hz AAC tone, runs it file-to-file through the
 StreamV2VLoop node (in-process ComfyUI on the CPU, tiny random SD1.5 model with a DyMe
 feature bank, TAESD) and prints peak RSS (``ru_maxrss``) after ``--check`` frames and at the
 end, and their ratio. ``--source both`` runs each source in its own process (peak RSS is
-per process) and prints a table. Needs the test host (scripts/setup_host.sh).
+per process) and prints a table. ``--conditioning schedule+controlnet`` adds a prompt schedule
+(a keyframe every 150 frames, encoded with a tiny CLIP) and a tiny ControlNet whose hint is the
+canny of each frame (the loop's per-frame conditioning). Needs the test host (scripts/setup_host.sh).
 """
 from __future__ import annotations
 
@@ -58,6 +61,9 @@ def run_one(args) -> None:
     model = FeatureFusionPatch.execute(model, handle, 0.75, 0.9, "low-res decoder").args[0]
     cond = tiny_models.random_conditioning("sd15", 0)
     vae = tiny_models.tiny_taesd_vae(0)
+    extra = {}
+    if args.conditioning == "schedule+controlnet":
+        cond, extra = per_frame_conditioning(args.frames)
     source = ({"file": "clip.mp4"} if args.source == "file"
               else {"video": InputImpl.VideoFromFile(str(work / "input" / "clip.mp4"))})
 
@@ -78,13 +84,30 @@ def run_one(args) -> None:
         path, _, count, _, report = StreamV2VLoop.execute(
             model=model, positive=cond, negative=cond, vae=vae, source="video file", **source,
             seed=0, steps=args.steps, strength=0.5, cfg=1.0, stream_batch=True, fixed_noise=True,
-            filename_prefix="bench/loop").args
+            filename_prefix="bench/loop", **extra).args
     elapsed = time.monotonic() - started
     end = peak_rss_mib()
     with av.open(path) as c:
         written = sum(1 for _ in c.demux(video=0) if _.size)
     print(f"[{args.source}] {report}; read back {written}; {elapsed:.0f} s, {count / elapsed:.1f} fps")
     print(f"RESULT {args.source} {count} {marks['check']:.1f} {end:.1f} {elapsed:.0f}")
+
+
+def per_frame_conditioning(frames: int):
+    """(positive with a tiny ControlNet applied, loop inputs: CLIP, a schedule with a keyframe every 150 frames,
+    canny hints per frame)."""
+    import torch
+
+    import nodes as comfy_nodes
+    from host import tiny_models
+
+    clip = tiny_models.tiny_clip("sd15", 1)
+    text = tiny_models.encode_prompt(clip, "a photo")
+    positive, _ = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
+        text, text, tiny_models.tiny_controlnet(0), torch.zeros(1, 64, 64, 3), 1.0, 0.0, 1.0)
+    styles = ("watercolor", "oil painting", "charcoal sketch", "pixel art")
+    schedule = "\n".join(f"{k}: {styles[i % len(styles)]}" for i, k in enumerate(range(0, frames, 150)))
+    return positive, {"clip": clip, "prompt_schedule": schedule, "control_hint": "canny (OpenCV)"}
 
 
 def main() -> None:
@@ -95,6 +118,8 @@ def main() -> None:
     parser.add_argument("--source", choices=[*SOURCES, "both"], default="both")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: a busy machine stalls torch's thread pool, and memory is the point)")
+    parser.add_argument("--conditioning", choices=["none", "schedule+controlnet"], default="none",
+                        help="per-frame conditioning: a prompt schedule and a canny ControlNet hint per frame")
     args = parser.parse_args()
     if args.source != "both":
         run_one(args)
@@ -102,7 +127,8 @@ def main() -> None:
     rows = []
     for source in SOURCES:
         command = [sys.executable, "-P", __file__, "--frames", str(args.frames), "--check", str(args.check),
-                   "--steps", str(args.steps), "--source", source, "--threads", str(args.threads)]
+                   "--steps", str(args.steps), "--source", source, "--threads", str(args.threads),
+                   "--conditioning", args.conditioning]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         print("\n".join(line for line in output.splitlines() if not line.startswith("RESULT")), flush=True)
         _, name, count, check, end, seconds = output.strip().splitlines()[-1].split()

@@ -10,10 +10,12 @@ from comfy_execution.graph_utils import ExecutionBlocker
 
 import comfy.model_management
 
-from ..streamv2v_core.media.frames import selected_count
 from ..streamv2v_core.live.session import SESSIONS, check_session_name
+from ..streamv2v_core.media.frames import selected_count
 from ..streamv2v_core.media.video_io import shortfall
+from ..streamv2v_core.stream.prompt_schedule import parse_schedule
 from .input_files import check_input, modified_time
+from .loop_conditioning import ConditioningChoice, LoopConditioning, conditioning_inputs
 from .loop_inputs import source_inputs
 from .loop_sink import LoopSink, drops_text
 from .loop_sources import BROWSER, LIVE_SOURCES, VIDEO_FILE, FramePick, FrameStream, SourceChoice
@@ -65,7 +67,8 @@ class StreamV2VLoop(io.ComfyNode):
                     io.String.Input("filename_prefix", default=DEFAULT_PREFIX,
                                     tooltip="MP4 name in the output folder ('folder/name'); a new file each run, "
                                             "an existing one is never replaced."),
-                    *shared[4:]],
+                    *shared[4:],
+                    *conditioning_inputs()],
             outputs=[io.String.Output(display_name="video_path", tooltip="Absolute path of the MP4 written."),
                      io.Image.Output(display_name="last_frame", tooltip="The last restyled frame [1, H, W, 3]."),
                      io.Int.Output(display_name="frames", tooltip="Number of frames written."),
@@ -79,10 +82,12 @@ class StreamV2VLoop(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, source=VIDEO_FILE, file="", session="webcam", filename_prefix=DEFAULT_PREFIX):
+    def validate_inputs(cls, source=VIDEO_FILE, file="", session="webcam", filename_prefix=DEFAULT_PREFIX,
+                        prompt_schedule=""):
         try:
             check_prefix(filename_prefix)
             check_session_name(session)
+            parse_schedule(prompt_schedule or "")
         except ValueError as error:
             return str(error)
         problem = check_input(file) if source not in LIVE_SOURCES else None
@@ -96,7 +101,8 @@ class StreamV2VLoop(io.ComfyNode):
         return f"{file}|{modified_time(file) if str(file).strip() else ''}|{_runs_cut_short}"
 
     @classmethod
-    def execute(cls, model, positive, negative, vae, video=None, **inputs) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, vae, video=None, clip=None, hint_video=None,
+                **inputs) -> io.NodeOutput:
         settings = from_inputs(StreamSettings, inputs)
         settings.check()
         pick = from_inputs(FramePick, inputs)
@@ -105,7 +111,13 @@ class StreamV2VLoop(io.ComfyNode):
         session = SESSIONS.get(inputs.get("session", "webcam"))
         node_id = node_id_of(cls)
         sizer = pick.sizer()
-        reader = origin.open(video, session, sizer, status=lambda: status)
+        frame_conditioning = LoopConditioning(model, positive, clip, from_inputs(ConditioningChoice, inputs), session,
+                                              hint_video, pick.skip_first, pick.every_nth)
+        try:
+            reader = origin.open(video, session, sizer, status=lambda: status)
+        except BaseException:
+            frame_conditioning.close()  # its hint video, and the session's live params
+            raise
         live = origin.source == BROWSER and video is None
         session.start()
         try:
@@ -116,14 +128,15 @@ class StreamV2VLoop(io.ComfyNode):
             sink = LoopSink(prefix, rate, audio, status, session if live else None)
             stream = FrameStream(reader, pick, sizer, session, sink.stamps)
             interrupted = _run(model, positive, negative, vae, stream, settings, sink, origin,
-                               f"StreamV2VLoop {node_id}" if node_id is not None else None)
+                               f"StreamV2VLoop {node_id}" if node_id is not None else None, frame_conditioning)
         finally:
             session.finish()
             reader.close()
-        return _outputs(sink, stream, reader, pick, interrupted)
+            frame_conditioning.close()
+        return _outputs(sink, stream, reader, pick, interrupted, frame_conditioning.report())
 
 
-def _run(model, positive, negative, vae, stream, settings, sink, origin, stream_key) -> bool:
+def _run(model, positive, negative, vae, stream, settings, sink, origin, stream_key, frame_conditioning) -> bool:
     """Run the engine over ``stream`` into ``sink``; True if cancelled after frames were written.
 
     ``stream_key`` names the stream when the model has no bank (``bank_start`` continue carries the
@@ -137,8 +150,9 @@ def _run(model, positive, negative, vae, stream, settings, sink, origin, stream_
                     return False
                 raise ValueError(f"no frames left from the {origin.source} after skipping {stream.pick.skip_first} "
                                  f"(every {stream.pick.every_nth}th kept)")
-            run_stream(model, positive, negative, vae, itertools.chain([first], frames), settings, sink.put,
-                       stream_key=stream_key, who="StreamV2V Loop")
+            run_stream(model, positive, negative, vae, itertools.chain([first], frames), settings,
+                       frame_conditioning.watch(sink.put), stream_key=stream_key, who="StreamV2V Loop",
+                       conditioning=frame_conditioning)
         finally:
             sink.close()
     except comfy.model_management.InterruptProcessingException:
@@ -148,7 +162,8 @@ def _run(model, positive, negative, vae, stream, settings, sink, origin, stream_
     return False
 
 
-def _outputs(sink: LoopSink, stream: FrameStream, reader, pick: FramePick, interrupted: bool) -> io.NodeOutput:
+def _outputs(sink: LoopSink, stream: FrameStream, reader, pick: FramePick, interrupted: bool,
+             conditioning_notes: list[str]) -> io.NodeOutput:
     global _runs_cut_short
     notes = []
     if interrupted:
@@ -164,6 +179,7 @@ def _outputs(sink: LoopSink, stream: FrameStream, reader, pick: FramePick, inter
     if interrupted or stream.stopped:
         _runs_cut_short += 1
     notes += [t for t in (drops_text(sink.session), _skipped_text(reader), _rescaled_text(stream)) if t]
+    notes += conditioning_notes
     if sink.frames:
         h, w = sink.size
         head = f"wrote {sink.frames} frames ({w}x{h}) to {os.path.join(sink.output.subfolder, sink.output.filename)}"

@@ -1,60 +1,110 @@
-// StreamV2V webcam: captures the browser's webcam for the StreamV2VLoop node ("browser webcam" source) and the
-// StreamV2VWebcamEcho node, over one WebSocket (/streamv2v/webcam/<session>/ws, see nodes/webcam_routes.py):
-// the server says "ready" when its loop took the last frame, and the panel sends the next one at once (no fixed
-// frame cap: as fast as the server takes them). Restyled frames come back as they finish, each with the capture
-// time of its source frame, so the panel shows the link's frame rate and capture-to-display latency.
-// "Stop" asks the running loop of the node's session to finish (it keeps its MP4), for any source.
+// StreamV2V performer panel on the StreamV2VLoop node (and the link-only StreamV2VWebcamEcho node).
+//
+// The browser's webcam goes to the server over one WebSocket (/streamv2v/webcam/<session>/ws, see
+// nodes/webcam_routes.py): the server says "ready" when its loop took the last frame, and the panel sends the next
+// one at once. Restyled frames come back as they finish, each with the stamp of its source frame. The panel shows
+// them large (filling the node, and in a pop-out window that can go fullscreen on a projector), with the frame rate
+// and capture-to-display latency measured on this page's own clock only: a stamp this page did not send (an old
+// page's, before a reload) is shown but never used for latency or for ordering.
+// One Start/Stop toggle starts the camera and queues the workflow (unless the session's loop already runs), and
+// stops both. Live controls (prompt, ControlNet strength, FF alpha, blend frames, Clear bank) go to
+// POST /streamv2v/loop/<session>/params and take effect at the next frame (nodes/loop_params_routes.py).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { LiveControls } from "./streamv2v_live_controls.js";
 
 const NODE_TYPES = new Set(["StreamV2VLoop", "StreamV2VWebcamEcho"]);
+const BROWSER = "browser webcam";
 const MAX_SIDE = 512;      // without width/height on the node, frames are scaled down to this before sending
 const JPEG_QUALITY = 0.85;
-const STAMP_BYTES = 8;     // little-endian float64: performance.now() at capture
+const STAMP_BYTES = 8;     // little-endian float64: performance.now() at capture, on this page's clock
 const WINDOW_MS = 2000;    // frame rate over the last 2 s
 const LATENCIES = 60;      // latency: mean of the last 60 frames
 const FRESH_MS = 50;       // a frame captured ahead is sent only if it is younger than this
+const SENT_KEPT = 256;     // stamps this page sent and may still get back (bounded)
+const TEXT_PREVIEW = "$$node-text-preview";  // the frontend's progress-text widget (mirrored into our report line)
+// Inputs that do nothing for a source: hidden while it is chosen (the tester's list for the browser webcam).
+const HIDDEN_FOR = {
+  "video file": ["camera_index", "fps"],
+  "image folder": ["camera_index"],
+  "camera": ["file", "fps", "every_nth"],
+  [BROWSER]: ["file", "fps", "camera_index", "every_nth"],
+};
 
-function widgetValue(node, name, fallback) {
-  const widget = node.widgets?.find((w) => w.name === name);
-  return widget ? widget.value : fallback;
+function widget(node, name) {
+  return node.widgets?.find((w) => w.name === name);
 }
 
-class WebcamPanel {
+function widgetValue(node, name, fallback) {
+  const w = widget(node, name);
+  return w ? w.value : fallback;
+}
+
+function element(tag, css, text) {
+  const e = document.createElement(tag);
+  if (css) e.style.cssText = css;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+export class WebcamPanel {
   constructor(node) {
     this.node = node;
+    this.isLoop = node.comfyClass === "StreamV2VLoop" || node.type === "StreamV2VLoop";
     this.stream = null;
     this.socket = null;
+    this.taking = false;
     this.wanted = false;  // the server said "ready": send one frame as soon as the camera can give one
     this.prepared = null; // a frame captured ahead while the server works (see sendFrame)
     this.server = null;
+    this.sent = new Map(); // stamp -> true for frames this page sent (latency and ordering use only these)
+    this.resetStats();
+    this.popup = null;
+    this.build();
+  }
+
+  resetStats() {
     this.stats = { sent: 0, shown: 0, fps: 0, latencyMs: null, latencies: [], captureMs: [] };
     this.shownAt = [];
     this.newestShown = -Infinity;
-    this.root = document.createElement("div");
-    this.root.className = "streamv2v-webcam";
-    this.root.style.cssText = "display:flex;flex-direction:column;gap:4px;width:100%;";
-    const bar = document.createElement("div");
-    bar.style.cssText = "display:flex;gap:4px;align-items:center;font-size:11px;flex-wrap:wrap;";
-    this.startButton = this.button("Start webcam", () => this.start());
-    this.stopButton = this.button("Stop", () => this.stop());
-    this.status = document.createElement("span");
-    this.status.className = "streamv2v-status";
-    bar.append(this.startButton, this.stopButton, this.status);
-    this.video = document.createElement("video");
-    this.video.muted = true;
-    this.video.playsInline = true;
-    this.video.style.display = "none";
-    this.output = document.createElement("canvas");
-    this.output.className = "streamv2v-output";
-    this.output.style.cssText = "width:100%;object-fit:contain;min-height:64px;background:#111;";
-    this.capture = document.createElement("canvas");
-    this.root.append(bar, this.video, this.output);
+    this.sent.clear();
   }
 
-  button(label, onClick) {
-    const b = document.createElement("button");
-    b.textContent = label;
+  build() {
+    this.root = element("div", "display:flex;flex-direction:column;gap:6px;width:100%;height:100%;min-height:0;"
+      + "box-sizing:border-box;font:12px sans-serif;color:#ddd;");
+    this.root.className = "streamv2v-webcam";
+    const bar = element("div", "display:flex;gap:6px;align-items:center;flex-wrap:wrap;flex:0 0 auto;");
+    this.toggleButton = this.button("● Start", () => this.toggle(),
+      "font-size:15px;font-weight:600;padding:6px 16px;min-height:34px;border-radius:6px;border:0;"
+      + "background:#2e7d32;color:#fff;cursor:pointer;");
+    this.toggleButton.className = "streamv2v-toggle";
+    this.popButton = this.button("Pop out ↗", () => this.popOut(),
+      "font-size:13px;padding:6px 10px;min-height:34px;border-radius:6px;cursor:pointer;");
+    this.status = element("span", "font-size:13px;font-variant-numeric:tabular-nums;");
+    this.status.className = "streamv2v-status";
+    bar.append(this.toggleButton, this.popButton, this.status);
+    this.video = element("video", "display:none;");
+    this.video.muted = true;
+    this.video.playsInline = true;
+    this.output = element("canvas", "width:100%;flex:1 1 auto;min-height:120px;height:0;object-fit:contain;"
+      + "background:#000;border-radius:4px;");
+    this.output.className = "streamv2v-output";
+    this.output.addEventListener("dblclick", () => this.popOut());
+    this.capture = document.createElement("canvas");
+    this.report = element("div", "font-size:12px;opacity:0.85;white-space:pre-wrap;max-height:3.6em;overflow:auto;"
+      + "flex:0 0 auto;");
+    this.report.className = "streamv2v-report";
+    this.root.append(bar, this.video, this.output);
+    if (this.isLoop) {
+      this.controls = new LiveControls(this);
+      this.root.append(this.controls.root);
+    }
+    this.root.append(this.report);
+  }
+
+  button(label, onClick, css) {
+    const b = element("button", css || "", label);
     b.addEventListener("click", onClick);
     return b;
   }
@@ -63,28 +113,97 @@ class WebcamPanel {
     return encodeURIComponent(String(widgetValue(this.node, "session", "webcam")));
   }
 
+  get source() {
+    return this.isLoop ? String(widgetValue(this.node, "source", BROWSER)) : BROWSER;
+  }
+
   socketUrl() {
     const url = new URL(api.apiURL(`/streamv2v/webcam/${this.session}/ws`), window.location.href);
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
     return url.href;
   }
 
+  // ------------------------------------------------------------------ the one-click take
+  async toggle() {
+    if (this.taking) await this.stopTake();
+    else await this.startTake();
+  }
+
+  async startTake() {
+    this.taking = true;
+    this.sawRunning = false;
+    this.renderToggle();
+    this.resetStats();
+    if (this.source === BROWSER) await this.start();
+    else this.connect();  // other sources: the socket still brings status (and frames for the webcam echo)
+    if (!this.taking) return;
+    const running = await this.loopRunning();
+    if (!running) {
+      try {
+        await app.queuePrompt(0, 1);
+        this.say("queued: the loop starts when the queue reaches it");
+      } catch (error) {
+        this.say(`could not queue: ${error.message}`);
+      }
+    } else this.say("the loop of this session already runs: joined it");
+  }
+
+  // The loop ended on its own (a file ran out, an error, Stop from another page): the toggle says so.
+  loopEnded() {
+    this.taking = this.sawRunning = false;
+    this.renderToggle();
+    this.stream?.getTracks().forEach((track) => track.stop());
+    this.stream = null;
+    const socket = this.socket;
+    this.socket = null;
+    socket?.close();
+    this.say("the loop ended");
+  }
+
+  async stopTake() {
+    this.taking = false;
+    this.renderToggle();
+    await this.stop();
+  }
+
+  async loopRunning() {
+    try {
+      const response = await api.fetchApi(`/streamv2v/loop/${this.session}/status`, { cache: "no-store" });
+      return !!(await response.json()).running;
+    } catch (error) {
+      return false;
+    }
+  }
+
+  renderToggle() {
+    const b = this.toggleButton;
+    b.textContent = this.taking ? "■ Stop" : "● Start";
+    b.style.background = this.taking ? "#c62828" : "#2e7d32";
+    b.title = this.taking ? "Stop the camera and the loop (the MP4 keeps every frame)"
+      : "Start the camera (browser webcam) and queue the workflow";
+  }
+
+  // ------------------------------------------------------------------ camera and socket
   async start() {
     if (this.stream) return;
     try {
       this.stream = await navigator.mediaDevices.getUserMedia({ video: true, audio: false });
     } catch (error) {
-      this.status.textContent = `webcam refused: ${error.message}`;
+      this.say(`webcam refused: ${error.message}`);
+      this.taking = false;
+      this.renderToggle();
       return;
     }
     this.video.srcObject = this.stream;
     this.video.onplaying = () => this.sendFrame();
     await this.video.play();
-    this.status.textContent = "webcam on: queue the prompt";
+    this.say("webcam on");
     this.connect();
   }
 
   connect() {
+    if (this.socket) return;
+    this.newestShown = -Infinity;  // a new link: order frames afresh
     const socket = new WebSocket(this.socketUrl());
     socket.binaryType = "arraybuffer";
     socket.onmessage = (event) => {
@@ -93,7 +212,7 @@ class WebcamPanel {
     };
     socket.onclose = () => {
       if (this.socket === socket) this.socket = null;
-      if (this.stream) setTimeout(() => this.stream && !this.socket && this.connect(), 1000);  // server restarted
+      if (this.taking) setTimeout(() => this.taking && !this.socket && this.connect(), 1000);  // server restarted
     };
     this.socket = socket;
   }
@@ -102,9 +221,10 @@ class WebcamPanel {
     if (message.type === "ready") {
       this.wanted = true;
       this.sendFrame();
-    }
-    else if (message.type === "status") {
+    } else if (message.type === "status") {
       this.server = message;
+      if (message.running) this.sawRunning = true;
+      else if (this.taking && this.sawRunning) this.loopEnded();
       this.render();
     }
   }
@@ -145,7 +265,9 @@ class WebcamPanel {
   // link's critical path; its stamp is its capture time, so the latency shown includes the wait.
   sendFrame() {
     const socket = this.socket;
-    if (!this.wanted || !socket || socket.readyState !== WebSocket.OPEN || !this.video.videoWidth) return;
+    if (!this.wanted || !this.stream || !socket || socket.readyState !== WebSocket.OPEN || !this.video.videoWidth) {
+      return;
+    }
     this.wanted = false;  // one frame per "ready": a second one would only replace this one on the server
     try {
       const now = performance.now();
@@ -153,6 +275,7 @@ class WebcamPanel {
       this.prepared = null;
       if (!frame || now - frame.stamp > FRESH_MS) frame = this.encodeFrame();
       socket.send(frame.message);
+      this.remember(frame.stamp);
       this.stats.sent += 1;
       const gap = now - (this.lastSentAt ?? -Infinity);
       this.lastSentAt = now;
@@ -162,24 +285,25 @@ class WebcamPanel {
         }, 0);
       }
     } catch (error) {
-      this.status.textContent = `error: ${error.message}`;
+      this.say(`error: ${error.message}`);
     }
+  }
+
+  remember(stamp) {
+    this.sent.set(stamp, true);
+    if (this.sent.size > SENT_KEPT) this.sent.delete(this.sent.keys().next().value);
   }
 
   async onFrame(data) {
     const stamp = new DataView(data).getFloat64(0, true);
+    const ours = this.sent.has(stamp);  // sent by this page: its clock, so latency and order mean something
     const bitmap = await createImageBitmap(new Blob([data.slice(STAMP_BYTES)], { type: "image/jpeg" }));
-    if (stamp < this.newestShown) {  // a newer frame was decoded first: show the present
+    if (ours && stamp < this.newestShown) {  // a newer frame was decoded first: show the present
       bitmap.close();
       return;
     }
-    this.newestShown = Number.isNaN(stamp) ? this.newestShown : stamp;
-    if (this.output.width !== bitmap.width || this.output.height !== bitmap.height) {
-      this.output.width = bitmap.width;
-      this.output.height = bitmap.height;
-    }
-    this.output.getContext("2d").drawImage(bitmap, 0, 0);
-    bitmap.close();
+    if (ours) this.newestShown = stamp;
+    this.draw(bitmap);
     const now = performance.now();
     const stats = this.stats;
     stats.shown += 1;
@@ -187,12 +311,24 @@ class WebcamPanel {
     this.shownAt.push(now);
     while (this.shownAt.length && this.shownAt[0] < now - WINDOW_MS) this.shownAt.shift();
     stats.fps = this.shownAt.length > 1 ? (this.shownAt.length - 1) * 1000 / (now - this.shownAt[0]) : 0;
-    if (!Number.isNaN(stamp)) {
+    if (ours) {
       stats.latencies.push(now - stamp);
       if (stats.latencies.length > LATENCIES) stats.latencies.shift();
       stats.latencyMs = stats.latencies.reduce((a, b) => a + b, 0) / stats.latencies.length;
     }
     this.render();
+  }
+
+  draw(bitmap) {
+    for (const canvas of [this.output, this.popupCanvas()]) {
+      if (!canvas) continue;
+      if (canvas.width !== bitmap.width || canvas.height !== bitmap.height) {
+        canvas.width = bitmap.width;
+        canvas.height = bitmap.height;
+      }
+      canvas.getContext("2d").drawImage(bitmap, 0, 0);
+    }
+    bitmap.close();
   }
 
   render() {
@@ -201,7 +337,7 @@ class WebcamPanel {
     this.renderedAt = now;
     const s = this.stats, server = this.server;
     const parts = [`${s.fps.toFixed(1)} fps`];
-    if (s.latencyMs !== null) parts.push(`latency ${Math.round(s.latencyMs)} ms`);
+    parts.push(s.latencyMs !== null ? `latency ${Math.round(s.latencyMs)} ms` : "latency –");
     parts.push(`sent ${s.sent}`, `shown ${s.shown}`);
     if (server) {
       const dropped = Object.values(server.dropped || {}).reduce((a, b) => a + b, 0);
@@ -210,6 +346,11 @@ class WebcamPanel {
       else if (server.idle_s > 2) parts.push(`no frame for ${Math.round(server.idle_s)} s`);
     }
     this.status.textContent = parts.join(" · ");
+    this.controls?.refreshSoon();
+  }
+
+  say(text) {
+    this.status.textContent = text;
   }
 
   async stop() {
@@ -220,29 +361,134 @@ class WebcamPanel {
     socket?.close();
     try {
       await api.fetchApi(`/streamv2v/loop/${this.session}/stop`, { method: "POST" });
-      this.status.textContent = "stopped";
+      this.say("stopped");
     } catch (error) {
-      this.status.textContent = `stop failed: ${error.message}`;
+      this.say(`stop failed: ${error.message}`);
+    }
+  }
+
+  // ------------------------------------------------------------------ pop-out window (projector)
+  popOut() {
+    if (this.popup && !this.popup.closed) {
+      this.popup.focus();
+      return;
+    }
+    const popup = window.open("", `streamv2v_${this.session}`, "width=960,height=600");
+    if (!popup) {
+      this.say("the pop-out window was blocked: allow pop-ups for this page");
+      return;
+    }
+    popup.document.title = `StreamV2V — ${decodeURIComponent(this.session)}`;
+    popup.document.body.style.cssText = "margin:0;background:#000;overflow:hidden;";
+    const canvas = popup.document.createElement("canvas");
+    canvas.style.cssText = "width:100vw;height:100vh;object-fit:contain;display:block;cursor:zoom-in;";
+    canvas.title = "click: fullscreen (Esc leaves it)";
+    canvas.addEventListener("click", () => canvas.requestFullscreen?.().catch(() => {}));
+    popup.document.body.append(canvas);
+    this.popup = popup;
+    if (this.output.width > 0) this.popupCanvas().getContext("2d").drawImage(this.output, 0, 0);
+  }
+
+  popupCanvas() {
+    if (!this.popup || this.popup.closed) return null;
+    return this.popup.document.querySelector("canvas");
+  }
+
+  // ------------------------------------------------------------------ the node around the panel
+  mirrorProgressText(text) {
+    const preview = widget(this.node, TEXT_PREVIEW);  // drawn over the panel otherwise: shown in our line instead
+    if (preview && !preview.hidden) {
+      preview.hidden = true;
+      if (preview.element) preview.element.style.display = "none";
+    }
+    this.report.textContent = text;
+  }
+
+  showInputsFor() {
+    if (!this.isLoop) return;
+    const hidden = new Set(HIDDEN_FOR[this.source] || []);
+    if (widgetValue(this.node, "control_hint", "none") !== "hint video") hidden.add("hint_file");
+    const noFiles = hidden.has("file") && hidden.has("hint_file");
+    let changed = false;
+    for (const w of this.node.widgets || []) {
+      const upload = w.type === "button" && /upload/i.test(String(w.name) + String(w.label ?? ""));
+      if (!(w.name in WATCHED) && !upload) continue;
+      changed = setHidden(w, upload ? noFiles : hidden.has(w.name)) || changed;
+    }
+    if (changed) {
+      this.node.setSize([this.node.size[0], this.node.computeSize()[1]]);
+      this.node.setDirtyCanvas?.(true, true);
     }
   }
 }
 
+// A hidden widget takes no row: ``hidden`` (the frontend skips it when drawing) and a zero size (its layout still
+// counts the widget otherwise). The widget's own computeSize comes back when it is shown again.
+function setHidden(w, hide) {
+  if (!!w.hidden === hide) return false;
+  w.hidden = hide;
+  if (hide) {
+    w.streamv2vComputeSize = w.computeSize;
+    w.computeSize = () => [0, -4];
+  } else {
+    w.computeSize = w.streamv2vComputeSize;
+    delete w.streamv2vComputeSize;
+  }
+  return true;
+}
+
+const WATCHED = Object.fromEntries(["file", "fps", "camera_index", "every_nth", "hint_file"].map((n) => [n, true]));
+
+function attachPanel(node) {
+  const panel = new WebcamPanel(node);
+  node.streamv2vWebcam = panel;
+  node.addDOMWidget("streamv2v_webcam", "streamv2v_webcam", panel.root, {
+    serialize: false,
+    getMinHeight: () => (panel.isLoop ? 520 : 260),
+  });
+  node.setSize([Math.max(node.size[0], panel.isLoop ? 640 : 360), Math.max(node.size[1], node.computeSize()[1])]);
+  for (const name of ["source", "control_hint"]) {
+    const w = widget(node, name);
+    if (!w) continue;
+    const callback = w.callback;
+    w.callback = function () {
+      const result = callback?.apply(this, arguments);
+      panel.showInputsFor();
+      return result;
+    };
+  }
+  panel.showInputsFor();
+  return panel;
+}
+
 app.registerExtension({
   name: "StreamV2V.Webcam",
+  async setup() {
+    api.addEventListener("progress_text", (event) => {
+      const { nodeId, text } = event.detail || {};
+      const node = app.graph?.getNodeById?.(nodeId);
+      node?.streamv2vWebcam?.mirrorProgressText(text);
+    });
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!NODE_TYPES.has(nodeData.name)) return;
     const created = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const result = created?.apply(this, arguments);
-      const panel = new WebcamPanel(this);
-      this.streamv2vWebcam = panel;
-      this.addDOMWidget("streamv2v_webcam", "streamv2v_webcam", panel.root, { serialize: false });
-      this.setSize([Math.max(this.size[0], 320), this.size[1] + 260]);
+      attachPanel(this);
+      return result;
+    };
+    const configured = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      const result = configured?.apply(this, arguments);
+      this.streamv2vWebcam?.showInputsFor();  // a loaded workflow's source
       return result;
     };
     const removed = nodeType.prototype.onRemoved;
     nodeType.prototype.onRemoved = function () {
-      this.streamv2vWebcam?.stop();
+      if (this.streamv2vWebcam?.taking) this.streamv2vWebcam.stopTake();
+      else if (this.streamv2vWebcam?.stream) this.streamv2vWebcam.stop();
+      this.streamv2vWebcam?.popup?.close();
       return removed?.apply(this, arguments);
     };
   },

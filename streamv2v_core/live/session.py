@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from ..media.frames import to_tensor
+from .params import LiveParams
 
 log = logging.getLogger("streamv2v")
 
@@ -107,6 +108,7 @@ class BrowserSession:
         self.last_frame_at: float | None = None
         self.started_at: float | None = None
         self.used_at = time.monotonic()
+        self.params = LiveParams()  # live steering (prompt, strengths) of the loop running this session
 
     # ------------------------------------------------------------------ senders' side
     def offer(self, encoded: bytes, stamp: float | None = None) -> bool:

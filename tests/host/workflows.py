@@ -35,6 +35,7 @@ TINY_SWAPS = {
     "CheckpointLoaderSimple": TINY,
     "VAELoader": {**TINY, "outputs": {0: 2}},
     "LoraLoaderModelOnly": {"bypass": {0: "model"}},
+    "ControlNetLoader": {"class_type": "TinyControlNetLoader", "inputs": {"seed": 0, "record": False}},
 }
 
 

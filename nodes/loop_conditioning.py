@@ -1,0 +1,317 @@
+"""What each frame of a loop carries besides its pixels: prompt (schedule or live), ControlNet hint, strengths.
+
+``LoopConditioning`` is the stream engine's ``conditioning`` callable: called once per frame as the
+frame enters the stream, it returns that frame's ``FrameConditioning`` (or None: the run's own). It
+
+* blends a keyframed prompt schedule (each keyframe encoded once with the connected CLIP, the blend
+  made per frame: never a tensor per frame held for the whole video),
+* replaces the ControlNet hint frame by frame (canny, the frame, the previous output, a hint video),
+* applies live changes (``session.params``: prompt blended in over N frames, one CLIP encode per
+  change; ControlNet strength; FF alpha; clearing the bank) to the frame entering when they arrive.
+
+The run's own CONDITIONING and ControlNet objects are never changed: a frame's positive is a new list
+of new ``[tokens, dict]`` entries with the run's structure (same entries, same ControlNet chain), and
+the same list object is returned while the prompt does not change (the engine prepares a list once).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from comfy_api.latest import io
+
+from ..streamv2v_core.bank.patches import FeatureFusion
+from ..streamv2v_core.live.params import MAX_BLEND_FRAMES, Capabilities, Change
+from ..streamv2v_core.media.frames import fit_to, select_frames
+from ..streamv2v_core.media.hints import PreviousOutput, as_hint, canny
+from ..streamv2v_core.media.video_io import VideoFileSource
+from ..streamv2v_core.stream.conditioning import FrameConditioning
+from ..streamv2v_core.stream.prompt_schedule import blend_entry, blend_position, parse_schedule
+from .engine import banks_of
+from .input_files import input_choices, resolve_input
+from .video_input import open_video
+
+log = logging.getLogger("streamv2v")
+
+HINT_NONE, HINT_CANNY, HINT_FRAME = "none", "canny (OpenCV)", "the frame (tile / recolour)"
+HINT_PREVIOUS, HINT_VIDEO = "previous output (TemporalNet)", "hint video"
+HINT_CHOICES = (HINT_NONE, HINT_CANNY, HINT_FRAME, HINT_PREVIOUS, HINT_VIDEO)
+KEYFRAME_CACHE = 4  # encoded keyframes kept: the two being blended and their neighbours
+
+
+@dataclass(frozen=True)
+class ConditioningChoice:
+    """The loop's per-frame conditioning inputs."""
+
+    prompt_schedule: str = ""
+    control_hint: str = HINT_NONE
+    hint_file: str = ""
+    blend_frames: int = 8
+
+
+def conditioning_inputs() -> list:
+    """clip, prompt_schedule, control_hint, hint_file, hint_video, blend_frames (all optional)."""
+    return [
+        io.Clip.Input("clip", optional=True,
+                      tooltip="The checkpoint's CLIP: encodes the prompt schedule's keyframes and prompts typed "
+                              "live in the node's panel (once per prompt, not per frame)."),
+        io.String.Input("prompt_schedule", default="", multiline=True, optional=True,
+                        tooltip="Keyframed prompts, one 'frame: prompt' per line (e.g. '0: watercolor' and "
+                                "'120: oil painting'; FizzNodes' quoted format works too): frames between two "
+                                "keyframes get the blend of both, frame numbers count the frames this loop runs. "
+                                "Needs 'clip'. Empty: the positive conditioning as it is."),
+        io.Combo.Input("control_hint", options=list(HINT_CHOICES), default=HINT_NONE, optional=True,
+                       tooltip="Per-frame hint for the ControlNet(s) in the conditioning (apply one with core "
+                               "'Apply ControlNet' and any image as a placeholder): canny edges of each frame "
+                               "(OpenCV), the frame itself (tile / recolour ControlNets), the previous output "
+                               "frame (TemporalNet-style), or a hint video aligned frame by frame. 'none': the "
+                               "hint applied in the conditioning, for every frame."),
+        io.Combo.Input("hint_file", options=input_choices(), optional=True, upload=io.UploadType.video,
+                       tooltip="control_hint 'hint video': a video in ComfyUI's input folder, frame i the hint of "
+                               "frame i (the loop's skip_first / every_nth apply to it too); or connect a VIDEO to "
+                               "'hint_video'. When it ends, its last frame is held."),
+        io.Video.Input("hint_video", optional=True,
+                       tooltip="control_hint 'hint video': a VIDEO whose frame i is the hint of frame i (replaces "
+                               "'hint_file')."),
+        io.Int.Input("blend_frames", default=8, min=0, max=MAX_BLEND_FRAMES, optional=True,
+                     tooltip="A prompt changed live is blended in over this many frames (0: at once)."),
+    ]
+
+
+def capabilities(model, positive: list, clip) -> Capabilities:
+    """What live steering can change in this run."""
+    patches = model.model_options.get("transformer_options", {}).get("patches", {})
+    fusion = any(isinstance(p, FeatureFusion) for group in patches.values() for p in group)
+    control = any(entry[1].get("control") is not None for entry in positive)
+    return Capabilities(clip=clip is not None, control=control, fusion=fusion, bank=bool(banks_of(model)))
+
+
+def check_choice(choice: ConditioningChoice, can: Capabilities, hint_video=None) -> list:
+    """The schedule's keyframes; ValueError naming the input at fault (before any work)."""
+    if choice.control_hint not in HINT_CHOICES:
+        raise ValueError(f"control_hint must be one of {HINT_CHOICES}, got {choice.control_hint!r}")
+    keyframes = parse_schedule(choice.prompt_schedule or "")
+    if keyframes and not can.clip:
+        raise ValueError("prompt_schedule needs the checkpoint's CLIP connected to the loop's 'clip' input "
+                         "(it encodes each keyframe)")
+    if choice.control_hint != HINT_NONE and not can.control:
+        raise ValueError(f"control_hint {choice.control_hint!r} needs a ControlNet in the positive conditioning: "
+                         f"apply one with core 'Apply ControlNet' (any image as a placeholder hint), or set "
+                         f"control_hint to 'none'")
+    if choice.control_hint == HINT_VIDEO and hint_video is None and not str(choice.hint_file or "").strip():
+        raise ValueError("control_hint 'hint video' needs a video: pick 'hint_file' or connect 'hint_video'")
+    return keyframes
+
+
+class PromptTrack:
+    """The text part of each frame's positive: the run's own, a schedule, or a live prompt blended in.
+
+    Entries are ``[tokens Tensor[1, T, C], {"pooled_output": Tensor[1, P], ...}]`` as a CLIP gives them.
+    """
+
+    def __init__(self, positive: list, clip, keyframes: list, blend_frames: int):
+        self.positive, self.clip, self.keyframes = positive, clip, keyframes
+        self.blend_frames = blend_frames
+        self.encodes = 0
+        self._keyframe_cache: collections.OrderedDict[int, list] = collections.OrderedDict()
+        self._live: tuple[list, list, int] | None = None  # (from entry, to entry, frame the blend starts)
+        self._last_entry: list | None = None
+        self._last_positive: list | None = None
+
+    def encode(self, text: str) -> list:
+        """One CLIP encode (as core CLIPTextEncode): the first entry ``[tokens [1, T, C], options]``."""
+        self.encodes += 1
+        encoded = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
+        tokens, options = encoded[0][0], encoded[0][1]
+        return [tokens[:1], {k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in options.items()}]
+
+    def set_live(self, text: str, frame: int) -> None:
+        """From ``frame`` on, blend from what the last frame had to ``text`` over ``blend_frames`` frames."""
+        self._live = (self._last_entry or self._own_entry(), self.encode(text), frame)
+
+    def positive_for(self, frame: int) -> list | None:
+        """Frame ``frame``'s positive (the same list while the text does not change), or None: the run's own."""
+        entry = self._entry_for(frame)
+        if entry is None:
+            return None
+        if entry is not self._last_entry:
+            self._last_entry = entry
+            self._last_positive = [[entry[0], {**options, **_text_options(entry[1])}]
+                                   for _, options in self.positive]
+        return self._last_positive
+
+    def _entry_for(self, frame: int) -> list | None:
+        if self._live is not None:
+            start, target, first = self._live
+            weight = (frame - first + 1) / self.blend_frames if self.blend_frames > 1 else 1.0
+            return target if weight >= 1.0 else blend_entry(start, target, weight)
+        if not self.keyframes:
+            return None
+        i, j, weight = blend_position(self.keyframes, frame)
+        return self._keyframe(i) if weight == 0 else blend_entry(self._keyframe(i), self._keyframe(j), weight)
+
+    def _keyframe(self, i: int) -> list:
+        if i not in self._keyframe_cache:
+            self._keyframe_cache[i] = self.encode(self.keyframes[i].text)
+            while len(self._keyframe_cache) > KEYFRAME_CACHE:
+                self._keyframe_cache.popitem(last=False)
+        self._keyframe_cache.move_to_end(i)
+        return self._keyframe_cache[i]
+
+    def _own_entry(self) -> list:
+        tokens, options = self.positive[0]
+        pooled = options.get("pooled_output")
+        return [tokens[:1], {"pooled_output": pooled[:1]} if isinstance(pooled, torch.Tensor) else {}]
+
+
+def _text_options(options: dict) -> dict:
+    """The options a text encoder sets (the run's ControlNet chain, areas and masks are kept from the run)."""
+    return {k: v for k, v in options.items() if k not in ("control", "control_apply_to_uncond")}
+
+
+class HintSource:
+    """Each frame's ControlNet hint ``[1, H, W, 3]`` (None for 'none'), from ``frame [H, W, 3]``."""
+
+    def __init__(self, mode: str, reader=None, skip_first: int = 0, every_nth: int = 1):
+        self.mode, self.reader = mode, reader
+        self.previous = PreviousOutput() if mode == HINT_PREVIOUS else None
+        self._frames = iter(select_frames(reader, skip_first, every_nth)) if reader is not None else None
+        self._held: torch.Tensor | None = None
+        self.given = 0
+        self.ended_at: int | None = None  # the hint video ran out at this frame (its last frame held)
+
+    def __call__(self, frame: torch.Tensor) -> torch.Tensor | None:
+        hint = self._make(frame.detach().cpu())
+        self.given += hint is not None
+        return hint
+
+    def _make(self, frame: torch.Tensor) -> torch.Tensor | None:
+        if self.mode == HINT_CANNY:
+            return canny(frame)
+        if self.mode == HINT_FRAME:
+            return as_hint(frame)
+        if self.mode == HINT_PREVIOUS:
+            return self.previous(frame)
+        if self.mode == HINT_VIDEO:
+            return self._video_hint(frame)
+        return None
+
+    def _video_hint(self, frame: torch.Tensor) -> torch.Tensor:
+        if self.ended_at is None:
+            item = next(self._frames, None)
+            if item is None:
+                self.ended_at = self.given
+                log.warning("StreamV2V loop: the hint video ended after %d frames: its last frame is held",
+                            self.given)
+            else:
+                self._held = as_hint(fit_to(item, *frame.shape[:2]))
+        if self._held is None:
+            raise ValueError("the hint video has no frames after skip_first / every_nth")
+        if self._held.shape[1:3] != frame.shape[:2]:
+            self._held = as_hint(fit_to(self._held[0], *frame.shape[:2]))
+        return self._held
+
+    def saw_output(self, image: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.previous.saw(image)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+
+def open_hint_reader(choice: ConditioningChoice, hint_video=None):
+    """The hint video's frame reader (``streamv2v_core.video_io`` protocol), or None for other hints."""
+    if choice.control_hint != HINT_VIDEO:
+        return None
+    if hint_video is not None:
+        return open_video(hint_video)
+    return VideoFileSource(resolve_input(choice.hint_file))
+
+
+class LoopConditioning:
+    """The engine's ``conditioning(index, image) -> FrameConditioning | None`` for one loop run.
+
+    ``watch(on_output)`` wraps the sink so the previous-output hint sees finished frames; ``report()``
+    gives the lines for the loop's report; ``close()`` ends the run (the session stops taking changes).
+    Frames are counted here (0 = the first frame this run streams): schedules and the log use that count.
+    """
+
+    def __init__(self, model, positive: list, clip, choice: ConditioningChoice, session=None, hint_video=None,
+                 skip_first: int = 0, every_nth: int = 1):
+        self.can = capabilities(model, positive, clip)
+        keyframes = check_choice(choice, self.can, hint_video)
+        self.model, self.session = model, session
+        self.prompt = PromptTrack(positive, clip, keyframes, choice.blend_frames)
+        self.hints = HintSource(choice.control_hint, open_hint_reader(choice, hint_video), skip_first, every_nth)
+        self.control_scale, self.fusion_alpha = 1.0, None
+        self.live_prompt: str | None = None
+        self.frames = 0
+        self.steered = False  # a live change set a strength: every later frame carries it
+        if session is not None:
+            session.params.begin(self.can, self.current())
+
+    def current(self) -> dict:
+        """The live values now (the panel shows them after a reload)."""
+        return {"blend_frames": self.prompt.blend_frames, "control_strength": self.control_scale,
+                "ff_alpha": self.fusion_alpha, "prompt": self.live_prompt}
+
+    def __call__(self, index: int, image: torch.Tensor):
+        """Frame ``image [H, W, 3]`` enters the stream: its FrameConditioning (None: the run's own)."""
+        frame, self.frames = self.frames, self.frames + 1
+        if self.session is not None:
+            for change in self.session.params.take():
+                self._apply(change, frame)
+        positive, hint = self.prompt.positive_for(frame), self.hints(image)
+        if positive is None and hint is None and not self.steered:
+            return None
+        return FrameConditioning(positive=positive, hint=hint, control_scale=self.control_scale,
+                                   fusion_alpha=self.fusion_alpha)
+
+    def _apply(self, change: Change, frame: int) -> None:
+        if change.blend_frames is not None:
+            self.prompt.blend_frames = change.blend_frames
+        if change.prompt is not None:
+            self.live_prompt = change.prompt
+            self.prompt.set_live(change.prompt, frame)
+        if change.control_strength is not None:
+            self.control_scale, self.steered = change.control_strength, True
+        if change.ff_alpha is not None:
+            self.fusion_alpha, self.steered = change.ff_alpha, True
+        if change.clear_bank:
+            for bank in banks_of(self.model):
+                bank.reset(f"cleared live (session {self.session.name!r}, frame {frame})")
+        log.info("StreamV2V session %r, frame %d: %s", self.session.name, frame, change.describe())
+        self.session.params.applied(frame, change, self.current())
+
+    def watch(self, on_output: Callable) -> Callable:
+        """``on_output(index, image)`` that also shows each finished frame to the previous-output hint."""
+        def put(index: int, image: torch.Tensor) -> None:
+            self.hints.saw_output(image)
+            on_output(index, image)
+        return put
+
+    def report(self) -> list[str]:
+        lines = []
+        if self.prompt.keyframes:
+            lines.append(f"prompt schedule: {len(self.prompt.keyframes)} keyframes")
+        if self.hints.mode != HINT_NONE:
+            lines.append(f"ControlNet hint per frame: {self.hints.mode} ({self.hints.given} frames)")
+        if self.hints.ended_at is not None:
+            lines.append(f"WARNING: the hint video ended after {self.hints.ended_at} frames; its last frame "
+                         f"was held")
+        params = self.session.params.status() if self.session is not None else {"changes": 0, "log": []}
+        if params["changes"]:
+            shown = "; ".join(f"frame {e['frame']}: {e['change']}" for e in params["log"][-10:])
+            lines.append(f"{params['changes']} live changes ({shown})")
+        if self.prompt.encodes:
+            lines.append(f"{self.prompt.encodes} CLIP encodes")
+        return lines
+
+    def close(self) -> None:
+        self.hints.close()
+        if self.session is not None:
+            self.session.params.end()

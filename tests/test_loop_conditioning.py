@@ -1,0 +1,210 @@
+"""The loop's per-frame conditioning provider (nodes/loop_conditioning.py), in-process: each frame's hint, the
+prompt schedule's per-frame blend and its CLIP encodes, live changes (blend over N frames, one encode, bad values
+refused), and that the run's own CONDITIONING and ControlNet objects are never changed."""
+import pytest
+import torch
+
+import nodes as comfy_nodes
+from host import tiny_models
+from host.clips import make_clip, read_back
+from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch
+from streamv2v.nodes.loop_conditioning import (HINT_CANNY, HINT_FRAME, HINT_PREVIOUS, HINT_VIDEO,
+                                               ConditioningChoice, LoopConditioning)
+from streamv2v.streamv2v_core import BANKS
+from streamv2v.streamv2v_core.live.params import Capabilities, parse_change
+from streamv2v.streamv2v_core.live.session import SESSIONS
+from streamv2v.streamv2v_core.media import hints
+from streamv2v.streamv2v_core.stream.prompt_schedule import lerp_tokens
+
+
+class CountingClip:
+    """A tiny CLIP that counts its encodes (the cost of a prompt change)."""
+
+    def __init__(self):
+        self.clip, self.encodes = tiny_models.tiny_clip("sd15", 1), []
+
+    def tokenize(self, text):
+        return self.clip.tokenize(text)
+
+    def encode_from_tokens_scheduled(self, tokens):
+        self.encodes.append(tokens)
+        return self.clip.encode_from_tokens_scheduled(tokens)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    BANKS.remove("cond_test")
+    handle = FeatureBankNode.execute("cond_test", "dyme", 1, 4, 0).args[0]
+    model = tiny_models.tiny_sd15_model(0, out_scale=0.1)
+    model = ExtendedAttentionPatch.execute(model, handle, "all").args[0]
+    model = FeatureFusionPatch.execute(model, handle, 0.75, 0.9, "low-res decoder").args[0]
+    clip = CountingClip()
+    text = tiny_models.encode_prompt(clip.clip, "a photo")
+    placeholder = torch.zeros(1, 64, 64, 3)
+    positive, negative = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
+        text, text, tiny_models.tiny_controlnet(0), placeholder, 0.8, 0.0, 1.0)
+    return model, clip, positive
+
+
+def frames(count, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(64, 64, 3, generator=g) for _ in range(count)]
+
+
+def test_canny_and_frame_hints_are_each_frames_own(parts):
+    model, clip, positive = parts
+    for mode, make in ((HINT_CANNY, hints.canny), (HINT_FRAME, hints.as_hint)):
+        provider = LoopConditioning(model, positive, None, ConditioningChoice(control_hint=mode))
+        for i, frame in enumerate(frames(5, seed=3)):
+            given = provider(i, frame)
+            assert given.positive is None and given.control_scale == 1.0  # the run's own prompt
+            assert given.hint.shape == (1, 64, 64, 3) and torch.equal(given.hint, make(frame)), (mode, i)
+        assert f"ControlNet hint per frame: {mode} (5 frames)" in provider.report()
+
+
+def test_previous_output_hint_follows_the_finished_frames(parts):
+    model, _, positive = parts
+    provider = LoopConditioning(model, positive, None, ConditioningChoice(control_hint=HINT_PREVIOUS))
+    shown = []
+    put = provider.watch(lambda index, image: shown.append(index))
+    first, second, output = frames(3, seed=5)
+    assert torch.equal(provider(0, first).hint[0], first)  # nothing finished yet: the frame itself
+    put(0, output)
+    assert torch.equal(provider(1, second).hint[0], output) and shown == [0]
+
+
+def test_hint_video_is_aligned_with_skip_and_every_nth_and_held_at_its_end(parts, tmp_path):
+    import folder_paths
+
+    model, _, positive = parts
+    old = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(tmp_path))
+    try:
+        make_clip(tmp_path / "hint.mp4", frames=7, size=(64, 64), fps=7, tone=False)
+        decoded = torch.from_numpy(read_back(tmp_path / "hint.mp4")[0]).float() / 255
+        provider = LoopConditioning(model, positive, None, ConditioningChoice(control_hint=HINT_VIDEO,
+                                                                             hint_file="hint.mp4"),
+                                    skip_first=1, every_nth=2)
+        given = [provider(i, frame).hint[0] for i, frame in enumerate(frames(5))]
+        provider.close()
+    finally:
+        folder_paths.set_input_directory(old)
+    for got, source in zip(given, (1, 3, 5, 5, 5)):  # source frames 1, 3, 5, then the last one held
+        assert (got - decoded[source]).abs().max() < 2 / 255, source
+    assert any("hint video ended after 3 frames" in line for line in provider.report())
+
+
+def test_prompt_schedule_encodes_each_keyframe_once_and_blends_per_frame(parts):
+    model, clip, positive = parts
+    before = [[t.clone(), dict(d)] for t, d in positive]
+    clip.encodes.clear()
+    provider = LoopConditioning(model, positive, clip, ConditioningChoice(prompt_schedule="0: watercolor\n4: oil"))
+    given = [provider(i, frame).positive for i, frame in enumerate(frames(8))]
+    assert len(clip.encodes) == 2  # one per keyframe, not one per frame
+    water, oil = given[0][0][0], given[4][0][0]
+    assert torch.allclose(given[2][0][0], lerp_tokens(water, oil, 0.5))
+    assert torch.allclose(given[1][0][0], lerp_tokens(water, oil, 0.25))
+    assert given[4] is given[5] is given[7]  # the same list while the prompt holds (the engine prepares it once)
+    for frame_positive in given:  # the run's structure: the same ControlNet chain, the run's options
+        assert frame_positive[0][1]["control"] is positive[0][1]["control"]
+    for (t, d), (t0, d0) in zip(positive, before):  # the run's own conditioning is unchanged
+        assert torch.equal(t, t0) and d.keys() == d0.keys() and d["control"] is d0["control"]
+    assert "prompt schedule: 2 keyframes" in provider.report()
+
+
+def test_live_prompt_blends_in_over_n_frames_with_one_encode(parts):
+    model, clip, positive = parts
+    session = SESSIONS.get("cond_live")
+    provider = LoopConditioning(model, positive, clip, ConditioningChoice(), session)
+    clip.encodes.clear()
+    stream = frames(9)
+    assert [provider(i, stream[i]) for i in range(3)] == [None, None, None]  # nothing to carry yet
+    session.params.offer({"prompt": "oil painting", "blend_frames": 4})
+    given = [provider(i, stream[i]).positive[0][0] for i in range(3, 9)]
+    assert len(clip.encodes) == 1
+    own, target = positive[0][0], given[-1]
+    for k, tokens in enumerate(given[:4]):  # frames 3..6: 1/4, 2/4, 3/4, then all of the new prompt
+        assert torch.allclose(tokens, lerp_tokens(own, target, (k + 1) / 4)), k
+    assert torch.equal(given[3], target)
+    session.params.offer({"control_strength": 0.5, "ff_alpha": 0.2})
+    given = provider(9, stream[0])
+    assert given.control_scale == 0.5 and given.fusion_alpha == 0.2
+    report = " | ".join(provider.report())
+    assert "2 live changes (frame 3: prompt 'oil painting' (blend 4 frames); frame 9: control strength 0.5, " \
+           "FF alpha 0.2)" in report and "1 CLIP encodes" in report
+    provider.close()
+    with pytest.raises(LookupError, match="no loop is running"):
+        session.params.offer({"ff_alpha": 0.3})
+
+
+@pytest.mark.parametrize("body, message", [
+    ([1], "send a JSON object"),
+    ({"promt": "x"}, "unknown field(s) 'promt'"),
+    ({"prompt": ""}, "prompt must be text of 1 to 4000"),
+    ({"prompt": 5}, "prompt must be text"),
+    ({"control_strength": 11}, "control_strength must be a number from 0 to 10, got 11"),
+    ({"control_strength": float("nan")}, "control_strength must be a number"),
+    ({"ff_alpha": "0.5"}, "ff_alpha must be a number from 0 to 1"),
+    ({"blend_frames": 2.5}, "blend_frames must be a whole number from 0 to 1000"),
+    ({"clear_bank": "yes"}, "clear_bank must be true or false"),
+    ({}, "nothing to change"),
+])
+def test_bad_live_values_are_refused_with_the_rule(body, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_change(body, Capabilities(clip=True, control=True, fusion=True, bank=True))
+
+
+def test_live_changes_the_loop_cannot_make_are_refused():
+    can = Capabilities()
+    for body, message in (({"prompt": "x"}, "no CLIP connected"), ({"control_strength": 1}, "no ControlNet"),
+                          ({"ff_alpha": 0.5}, "no StreamV2V Feature Fusion"), ({"clear_bank": True}, "no feature bank")):
+        with pytest.raises(ValueError, match=message):
+            parse_change(body, can)
+
+
+def test_choices_the_inputs_cannot_serve_are_refused_before_any_work(parts):
+    model, clip, positive = parts
+    plain = tiny_models.encode_prompt(clip.clip, "no controlnet")
+    with pytest.raises(ValueError, match="needs the checkpoint's CLIP connected"):
+        LoopConditioning(model, positive, None, ConditioningChoice(prompt_schedule="0: a"))
+    with pytest.raises(ValueError, match="needs a ControlNet in the positive conditioning"):
+        LoopConditioning(model, plain, None, ConditioningChoice(control_hint=HINT_CANNY))
+    with pytest.raises(ValueError, match="needs a video: pick 'hint_file'"):
+        LoopConditioning(model, positive, None, ConditioningChoice(control_hint=HINT_VIDEO))
+    with pytest.raises(ValueError, match="line 2"):
+        LoopConditioning(model, positive, clip, ConditioningChoice(prompt_schedule="0: a\nb"))
+
+
+def test_a_live_prompt_reaches_the_output_of_the_next_frame_through_the_engine(parts):
+    """Through the real engine (stream batch, 2 steps): a prompt sent while frame 5 enters changes output 5 on, and
+    not one output before it; every frame comes out; one CLIP encode."""
+    from streamv2v.nodes.engine import StreamSettings, run_stream
+
+    model, clip, positive = parts
+    vae = tiny_models.tiny_taesd_vae(0)
+    stream = frames(10, seed=11)
+    settings = StreamSettings(steps=2, strength=0.5)
+
+    def run(change_at=None):
+        session = SESSIONS.get("cond_engine")
+        provider = LoopConditioning(model, positive, clip, ConditioningChoice(blend_frames=3), session)
+        outputs = {}
+
+        def source():
+            for i, frame in enumerate(stream):
+                if i == change_at:
+                    session.params.offer({"prompt": "oil painting"})
+                yield frame
+        run_stream(model, positive, positive, vae, source(), settings, provider.watch(outputs.__setitem__),
+                   conditioning=provider)
+        provider.close()
+        return [outputs[i] for i in range(len(stream))], session.params.status()
+
+    clip.encodes.clear()
+    plain, _ = run()
+    changed, status = run(change_at=5)
+    assert len(clip.encodes) == 1 and status["log"] == [{"frame": 5, "change": "prompt 'oil painting'"}]
+    for i in range(5):
+        assert torch.equal(plain[i], changed[i]), f"output {i} changed before the prompt did"
+    for i in range(5, 10):
+        assert (plain[i] - changed[i]).abs().max() > 1e-3, f"output {i} did not follow the new prompt"
