@@ -8,15 +8,13 @@
 """
 import collections
 import json
-import time
 import urllib.request
 
-import numpy as np
 import pytest
 import torch
 
 from host.clips import make_clip
-from host.prompts import SAMPLING, loop_prompt, webcam_loop_prompt
+from host.prompts import loop_prompt, webcam_loop_prompt
 from test_loop_server import image_bytes, request, wait_for
 
 STEPS = 2
