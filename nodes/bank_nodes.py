@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..streamv2v_core.bank import MODES, BankConfig, BankHandle
+from ..streamv2v_core.bank import MODES, BankConfig, BankHandle, check_bank_name
 from ..streamv2v_core.patches import ALL, BLOCK_CHOICES, LOW_RES_DECODER, ExtendedAttention, FeatureFusion
 from .model_patching import patched_clone
 
@@ -46,16 +46,18 @@ class FeatureBankNode(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, name):
         # Only `name` is checked here; ComfyUI keeps checking the other inputs' ranges.
-        if not str(name).strip():
-            return "FeatureBank: give the bank a name (any text); banks with the same name are shared."
+        try:
+            check_bank_name(name)
+        except ValueError as error:
+            return f"{error}; banks with the same name are shared"
         return True
 
     @classmethod
     def execute(cls, name, mode, size, interval, seed=0) -> io.NodeOutput:
-        handle = BankHandle(str(name).strip(), BankConfig(mode=mode, size=size, interval=interval, seed=seed))
+        handle = BankHandle(check_bank_name(name), BankConfig(mode=mode, size=size, interval=interval, seed=seed))
         # The status line under the node (web/streamv2v_bank_status.js); a changed mode/size/interval
         # clears the bank here, with the reason.
-        return io.NodeOutput(handle, ui={"streamv2v_bank": [handle.bank.status()]})
+        return io.NodeOutput(handle, ui={"streamv2v_bank": [handle.open().status()]})
 
 
 class ExtendedAttentionPatch(io.ComfyNode):

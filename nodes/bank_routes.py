@@ -18,16 +18,19 @@ import logging
 
 from aiohttp import web
 
-from ..streamv2v_core.bank import BANKS
+from ..streamv2v_core.bank import BANKS, MAX_NAME, check_bank_name
+from ..streamv2v_core.registry import clear_all_registries
 from .stream_engine import NODE_STREAMS
 
 log = logging.getLogger("streamv2v")
-MAX_NAME = 200
 
 
 def _name(request: web.Request) -> str | None:
-    name = request.match_info["name"].strip()
-    return name if 0 < len(name) <= MAX_NAME else None
+    """The bank name of the route, or None if no bank can have it (FeatureBank refuses the same names)."""
+    try:
+        return check_bank_name(request.match_info["name"])
+    except ValueError:
+        return None
 
 
 async def get_banks(request: web.Request) -> web.Response:
@@ -55,9 +58,10 @@ async def delete_bank(request: web.Request) -> web.Response:
 
 
 def free_all(reason: str) -> int:
-    """Drop every bank and stream state; returns the bytes the banks held."""
+    """Drop every bank, stream state, session and cursor; returns the bytes the banks held."""
     held = BANKS.free(reason)
     NODE_STREAMS.clear()
+    clear_all_registries()  # browser sessions, frame cursors (and whatever else is registered)
     log.info("StreamV2V: %s released %.1f MiB of feature banks", reason, held / 2**20)
     return held
 

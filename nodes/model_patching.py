@@ -98,7 +98,7 @@ class FrameCounter:
         options = guider.model_options.get("transformer_options", {})
         if options.get(STREAM_KEY):
             return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-        bank = self.handle.bank
+        bank = self.handle.open()  # this run applies its settings (a changed one clears the bank)
         bank.check_signature(sampler_signature(guider, latent_image, sigmas))
         # This run's bank object, for the per-call wrapper (rebinds the run's own options copy).
         banks = {**(options.get(RUN_BANKS_KEY) or {}), self.handle.name: bank}

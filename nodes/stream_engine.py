@@ -185,7 +185,7 @@ def banks_of(model) -> list[FeatureBank]:
         for patch in patch_list:
             handle = getattr(patch, "handle", None)
             if handle is not None and hasattr(handle, "bank"):
-                found[handle.name] = handle.bank
+                found[handle.name] = handle.open()  # applies this handle's settings where the run starts
     return [found[name] for name in sorted(found)]
 
 

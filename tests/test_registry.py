@@ -1,0 +1,81 @@
+"""The one bounded registry behind banks, browser sessions, frame cursors (streamv2v_core/registry.py)."""
+import threading
+
+import pytest
+
+from streamv2v.streamv2v_core.bank import MAX_BANKS, BankConfig, BankHandle, BankRegistry, check_bank_name
+from streamv2v.streamv2v_core.registry import Registry, RegistryFull, clear_all_registries
+
+
+def test_lru_drops_the_least_recently_used_idle_entry_and_closes_it():
+    closed = []
+    reg = Registry("thing", 3, "lru", close=closed.append, busy=lambda v: v == "busy", register=False)
+    reg.put("a", "busy")
+    for name in "bcd":
+        reg.put(name, name)
+    assert reg.names() == ["a", "c", "d"] and closed == ["b"]  # "a" is busy: never dropped
+    reg.get("c")  # used: "d" is now the oldest idle entry
+    reg.put("e", "e")
+    assert reg.names() == ["a", "c", "e"] and closed == ["b", "d"]
+    assert reg.find("zzz") is None and len(reg) == 3  # finding creates nothing
+
+
+def test_refuse_policy_and_all_busy_say_what_to_do():
+    reg = Registry("widget", 2, "refuse", hint="Delete one first.", register=False)
+    reg.put("a", 1)
+    reg.put("b", 2)
+    reg.put("a", 3)  # replacing a name needs no room
+    with pytest.raises(RegistryFull, match="too many widgets: at most 2 .* Delete one first."):
+        reg.put("c", 4)
+    busy = Registry("session", 1, "lru", busy=lambda v: True, register=False)
+    busy.put("x", 1)
+    with pytest.raises(RegistryFull, match="at most 1"):
+        busy.put("y", 2)
+
+
+def test_clear_all_keeps_busy_entries_and_clear_all_registries_reaches_registered_ones():
+    closed = []
+    reg = Registry("probe-kind", 4, close=closed.append, busy=lambda v: v == "running")
+    reg.put("a", "idle")
+    reg.put("b", "running")
+    assert clear_all_registries()["probe-kind"] == 1
+    assert reg.names() == ["b"] and closed == ["idle"]
+
+
+def test_get_or_create_is_thread_safe_and_bounded():
+    reg = Registry("t", 8, register=False)
+    made = []
+
+    def work(i):
+        for j in range(200):
+            reg.get_or_create(f"n{(i * 7 + j) % 20}", lambda: made.append(1) or object())
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(reg) == 8
+
+
+def test_banks_are_bounded_and_reading_a_handle_never_resets_its_bank():
+    reg = BankRegistry(limit=3)
+    for i in range(5):
+        reg.get(f"b{i}")
+    assert reg.names() == ["b2", "b3", "b4"] and MAX_BANKS == 64
+    import streamv2v.streamv2v_core.bank as bank_mod
+    bank_mod.BANKS.remove("shared")
+    a, b = BankHandle("shared", BankConfig(size=1)), BankHandle("shared", BankConfig(size=2))
+    bank = a.open()
+    bank.frames_seen = 5
+    assert b.bank is bank and a.bank is bank and bank.frames_seen == 5  # no reset on access
+    assert b.open().frames_seen == 0 and bank.config.size == 2  # a run with b's settings: cleared, with the reason
+    assert "size 1 -> 2" in bank.last_reset_reason
+    bank_mod.BANKS.remove("shared")
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 201, "evil\nStreamV2V bank 'x' cleared: forged", "tab\there"])
+def test_bank_names_that_cannot_be_cleared_or_logged_safely_are_refused(name):
+    with pytest.raises(ValueError, match="is not allowed: use 1 to 200 printable characters"):
+        check_bank_name(name)
+    assert check_bank_name("  my bank é ") == "my bank é"
