@@ -4,12 +4,23 @@ Files read through symlinks, images whose header promises huge pixels, memory an
 8K sources, two-call samplers reading their own frame, a cancelled loop re-running others, bank names
 that cannot be cleared, ``%date:...%`` prefixes.
 """
+import fractions
 import json
+import os
+import struct
+import time
 import urllib.error
 import urllib.request
+import zlib
 
+import av
+import numpy as np
 import pytest
+from PIL import Image
 
+from host.clips import make_clip, read_back
+from host.prompts import loop_prompt
+from host.server import PromptFailed
 from test_server_bank import latent_of
 
 TINY = {"1": {"class_type": "TinyCheckpointLoader", "inputs": {"kind": "sd15", "seed": 0, "vae": "taesd"}},
@@ -58,3 +69,171 @@ def test_two_call_samplers_give_frame_0_exactly_the_unpatched_result(comfy_serve
     # The frame's writes did land (after its last call): the next frame sees them.
     status = {b["name"]: b for b in http(comfy_server, "GET", "/streamv2v/banks")[1]["banks"]}[name]
     assert status["frames_seen"] == 1 and status["entries"] > 0
+
+
+# --------------------------------------------------------------------------- files: links, pixel bombs, 8K
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def write_png(path, width, height, rows=None):
+    """A valid RGB PNG of width x height whose rows are all zero, compressed as a stream (``rows``: how
+    many rows the data really holds; fewer makes a header that promises more than the file has)."""
+    deflate = zlib.compressobj(9)
+    row = bytes(1 + 3 * width)
+    data = b"".join(deflate.compress(row) for _ in range(height if rows is None else rows)) + deflate.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b""))
+
+
+def solid(path, rgb, size=64):
+    Image.fromarray(np.full((size, size, 3), rgb, np.uint8)).save(path)
+
+
+def rss_peak_reset(pid):
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident set size (VmHWM) to the current one
+
+
+def rss(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024.0
+
+
+def big_video(path, frames, width=7680, height=4320, fps=12):
+    """An MJPEG video of ``frames`` identical flat frames (one encoded 8K frame muxed ``frames`` times)."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mjpeg", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuvj420p"
+        frame = av.VideoFrame(width, height, "yuvj420p")
+        for plane in frame.planes:
+            plane.update(bytes([90]) * plane.buffer_size)
+        (packet,) = list(stream.encode(frame)) + list(stream.encode(None))
+        data = bytes(packet)
+        for i in range(frames):
+            copy = av.Packet(data)
+            copy.stream, copy.pts, copy.dts, copy.time_base = stream, i, i, fractions.Fraction(1, fps)
+            out.mux(copy)
+
+
+def next_frames_prompt(file, cursor, count, prefix):
+    return {"1": {"class_type": "StreamV2VNextFrame", "inputs": {
+                "source": "image folder", "file": file, "skip_first": 0, "every_nth": 1, "width": 64, "height": 64,
+                "resize_mode": "crop", "cursor": cursor, "reset": True, "at_end": "stop", "count": count}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}}}
+
+
+def loop_report(server, prompt):
+    entry = server.run(prompt, timeout=300)
+    return entry, entry["outputs"]["3"]
+
+
+def test_links_that_leave_the_input_folder_are_never_read_nor_offered(comfy_server, tmp_path):
+    inp = comfy_server.input_dir
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    solid(outside / "secret.png", (255, 0, 0))
+    make_clip(outside / "secret.mp4", frames=3, tone=False)
+    folder = inp / "linked"
+    folder.mkdir()
+    solid(folder / "000.png", (0, 0, 255))
+    os.symlink(outside / "secret.png", folder / "001.png")
+    os.symlink(outside, inp / "outside_folder")
+    os.symlink(outside / "secret.mp4", inp / "outside_clip.mp4")
+    spec = comfy_server.object_info("StreamV2VLoop")["StreamV2VLoop"]["input"]["required"]["file"]
+    offered = spec[1]["options"] if spec[0] == "COMBO" else spec[0]
+    assert "linked/" in offered and "outside_folder/" not in offered and "outside_clip.mp4" not in offered
+    entry = comfy_server.run(next_frames_prompt("linked/", "links", 2, "links/next"))
+    (saved,) = comfy_server.output_files(entry)  # one frame: the link was not followed
+    assert np.asarray(Image.open(saved))[..., 0].max() == 0, "the outside file's pixels came back"
+    prompt = loop_prompt("links/loop", source="image folder", file="linked/", width=64, height=64)
+    report = comfy_server.run(prompt, timeout=300)["outputs"]
+    frames = read_back(comfy_server.output_files({"outputs": report})[0])[0]
+    assert len(frames) == 1
+    log = comfy_server.log_text()
+    assert "skipped image '001.png' in folder 'linked': '001.png' is a link that leaves the allowed folder" in log
+    for file in ("outside_folder/", "outside_clip.mp4"):
+        with pytest.raises(Exception, match="outside ComfyUI's input folder"):
+            comfy_server.queue_prompt(loop_prompt("links/x", source="image folder" if "/" in file else "video file",
+                                                  file=file, width=64, height=64))
+
+
+def test_a_pixel_bomb_among_good_images_is_skipped_named_and_costs_no_memory(comfy_server):
+    folder = comfy_server.input_dir / "bombs"
+    folder.mkdir()
+    solid(folder / "000.png", (0, 0, 200))
+    write_png(folder / "001.png", 60000, 60000, rows=1)  # header only: cv2 raised CV_IO_MAX_IMAGE_PIXELS
+    write_png(folder / "002.png", 16000, 16000)  # a real, valid 16000x16000 PNG of about 750 KB
+    solid(folder / "003.png", (0, 200, 0))
+    assert (folder / "002.png").stat().st_size < 2**20
+    pid = comfy_server.proc.pid
+    comfy_server.run(next_frames_prompt("bombs/", "warm", 1, "bombs/warm"))  # first use of the nodes
+    before = rss(pid, "VmRSS")
+    rss_peak_reset(pid)
+    entry = comfy_server.run(next_frames_prompt("bombs/", "bombs", 4, "bombs/next"))
+    assert len(comfy_server.output_files(entry)) == 2
+    entry = comfy_server.run(loop_prompt("bombs/loop", source="image folder", file="bombs/", width=64, height=64),
+                             timeout=300)
+    peak = rss(pid, "VmHWM") - before
+    (mp4,) = comfy_server.output_files(entry)
+    assert len(read_back(mp4)[0]) == 2
+    log = comfy_server.log_text()
+    assert "skipped image '001.png' in folder 'bombs': '001.png' declares 3600.0 megapixels: at most 33.2" in log
+    assert "skipped image '002.png' in folder 'bombs': '002.png' declares 256.0 megapixels: at most 33.2" in log
+    print(f"pixel bombs: server peak RSS +{peak:.0f} MiB")
+    assert peak < 400, f"peak RSS grew by {peak:.0f} MiB (bound 400 MiB)"
+
+
+@pytest.fixture(scope="module")
+def video_8k(comfy_server):
+    big_video(comfy_server.input_dir / "eightk.mkv", 40)
+    return "eightk.mkv"
+
+
+def test_an_8k_video_at_its_own_size_is_refused_before_any_model_work(comfy_server, video_8k):
+    pid = comfy_server.proc.pid
+    before = rss(pid, "VmRSS")
+    rss_peak_reset(pid)
+    started = time.monotonic()
+    with pytest.raises(PromptFailed, match="frames of 7680x4320 at the source's size .* set width and/or height"):
+        comfy_server.run(loop_prompt("eightk/native", file=video_8k, max_frames=2), timeout=120)
+    peak = rss(pid, "VmHWM") - before
+    print(f"8K at its own size: refused after {time.monotonic() - started:.1f} s, peak RSS +{peak:.0f} MiB")
+    assert peak < 1024, f"peak RSS grew by {peak:.0f} MiB (bound 1 GiB)"
+
+
+def test_an_8k_video_read_small_stays_bounded_and_interrupt_stops_it_quickly(comfy_server, video_8k):
+    pid = comfy_server.proc.pid
+    before = rss(pid, "VmRSS")
+    rss_peak_reset(pid)
+    entry = comfy_server.run(loop_prompt("eightk/small", file=video_8k, width=64, height=64, max_frames=3),
+                             timeout=300)
+    peak = rss(pid, "VmHWM") - before
+    assert len(read_back(comfy_server.output_files(entry)[0])[0]) == 3
+    print(f"8K read at 64x64: peak RSS +{peak:.0f} MiB")
+    assert peak < 2048, f"peak RSS grew by {peak:.0f} MiB (bound 2 GiB)"
+    prompt_id = comfy_server.queue_prompt(loop_prompt("eightk/cancel", file=video_8k, width=64, height=64,
+                                                      session="cancel8k"))
+    deadline = time.monotonic() + 120
+    while not http(comfy_server, "GET", "/streamv2v/loop/cancel8k/status")[1].get("running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    mp4s = comfy_server.output_dir / "eightk"
+    while not any(p.name.startswith("cancel") and p.stat().st_size > 2000 for p in mp4s.iterdir()):
+        assert time.monotonic() < deadline, comfy_server.log_tail()
+        time.sleep(0.1)  # wait until frames are being written
+    asked = time.monotonic()
+    comfy_server.interrupt()
+    while http(comfy_server, "GET", "/streamv2v/loop/cancel8k/status")[1].get("running"):
+        time.sleep(0.05)
+    stopped = time.monotonic() - asked
+    history = comfy_server.history(prompt_id)
+    while history is None:
+        time.sleep(0.1)
+        history = comfy_server.history(prompt_id)
+    written = [read_back(p)[0].shape[0] for p in comfy_server.output_files(history)]
+    print(f"8K at 64x64: /interrupt stopped the loop in {stopped:.2f} s, after {written} frames")
+    assert written and 0 < written[0] < 40, f"the loop was not stopped while it ran: {history['status']}"
+    assert stopped < 5.0, f"/interrupt took {stopped:.1f} s (bound 5 s)"

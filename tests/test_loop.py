@@ -220,8 +220,8 @@ def test_image_folder_skips_unreadable_images_and_scales_odd_sizes(parts, comfy_
         path, _, count, _, report = run_loop(parts, source="image folder", file="frames/", fps=8).args
     frames, rate, _, _ = read_back(path)
     assert count == 6 and frames.shape == (6, 64, 64, 3) and rate == 8
-    assert "skipped 1 unreadable images (002b.png)" in report and "WARNING" not in report
-    assert "3 frames of another size were scaled to 64x64" in report
+    assert "skipped 1 image that could not be used: 002b.png (" in report and "WARNING" not in report
+    assert "3 frames of another size scaled to 64x64" in report
     assert "frame size changed" not in caplog.text  # one stream, one size: the bank goes on through the run
     assert parts[1].bank.status()["frames_seen"] == 6  # bank_start "fresh": this run's six frames
 
