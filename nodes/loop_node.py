@@ -7,11 +7,13 @@ import os
 
 from comfy_api.latest import io, ui
 from comfy_execution.graph_utils import ExecutionBlocker
+from comfy_execution.utils import get_executing_context
 
 import comfy.model_management
 
 from ..streamv2v_core.frames import selected_count
 from ..streamv2v_core.live_session import SESSIONS, check_session_name
+from ..streamv2v_core.registry import Registry
 from ..streamv2v_core.video_io import shortfall
 from .input_files import check_input, modified_time
 from .loop_inputs import source_inputs
@@ -22,12 +24,15 @@ from .output_files import check_prefix
 from .sampler_nodes import CATEGORY, from_inputs, stream_inputs
 from .stream_engine import StreamSettings, run_stream
 from .video_input import video_output
+from .wording import every_nth, plural
 
 log = logging.getLogger("streamv2v")
 
 DEFAULT_PREFIX = "StreamV2V/loop"
 OUTPUTS = 5
-_runs_cut_short = 0  # part of the file sources' fingerprint: a stopped or cancelled run is re-run when queued again
+# Runs cut short (stopped or cancelled), by the node and the inputs that name its output: part of that node's
+# fingerprint, so queueing it again re-runs it (its cached MP4 is incomplete) and no other loop node.
+_CUT_SHORT: Registry[int] = Registry("cut-short loop run", 256, "lru", register=False)
 
 
 class StreamV2VLoop(io.ComfyNode):
@@ -93,7 +98,9 @@ class StreamV2VLoop(io.ComfyNode):
         # Live sources give new frames every run; files re-run when they or the inputs change.
         if source in LIVE_SOURCES:
             return float("nan")
-        return f"{file}|{modified_time(file) if str(file).strip() else ''}|{_runs_cut_short}"
+        context = get_executing_context()
+        cut = _CUT_SHORT.find(_cut_key(context.node_id if context else None, source, file))
+        return f"{file}|{modified_time(file) if str(file).strip() else ''}|{cut or 0}"
 
     @classmethod
     def execute(cls, model, positive, negative, vae, video=None, **inputs) -> io.NodeOutput:
@@ -120,6 +127,9 @@ class StreamV2VLoop(io.ComfyNode):
         finally:
             session.finish()
             reader.close()
+        if interrupted or stream.stopped:
+            key = _cut_key(node_id, inputs.get("source", VIDEO_FILE), inputs.get("file", ""))
+            _CUT_SHORT.put(key, (_CUT_SHORT.find(key) or 0) + 1)
         return _outputs(sink, stream, reader, pick, interrupted)
 
 
@@ -135,8 +145,9 @@ def _run(model, positive, negative, vae, stream, settings, sink, origin, stream_
             if first is None:
                 if stream.stopped:
                     return False
-                raise ValueError(f"no frames left from the {origin.source} after skipping {stream.pick.skip_first} "
-                                 f"(every {stream.pick.every_nth}th kept)")
+                raise ValueError(f"no frames left from the {origin.source} after skipping "
+                                 f"{plural(stream.pick.skip_first, 'frame')} ({every_nth(stream.pick.every_nth)} "
+                                 f"kept): lower skip_first")
             run_stream(model, positive, negative, vae, itertools.chain([first], frames), settings, sink.put,
                        stream_key=stream_key, who="StreamV2V Loop")
         finally:
@@ -148,8 +159,13 @@ def _run(model, positive, negative, vae, stream, settings, sink, origin, stream_
     return False
 
 
+def _cut_key(node_id, source, file) -> str:
+    """Names one loop node's run: its id and the widget values that choose its source (what its
+    fingerprint sees; other inputs are in ComfyUI's own cache key)."""
+    return repr((node_id, source, file))
+
+
 def _outputs(sink: LoopSink, stream: FrameStream, reader, pick: FramePick, interrupted: bool) -> io.NodeOutput:
-    global _runs_cut_short
     notes = []
     if interrupted:
         notes.append("cancelled: the MP4 keeps every frame written")
@@ -161,12 +177,10 @@ def _outputs(sink: LoopSink, stream: FrameStream, reader, pick: FramePick, inter
         if short:
             log.warning("StreamV2V loop: %s", short)
             notes.append(f"WARNING: {short}")
-    if interrupted or stream.stopped:
-        _runs_cut_short += 1
     notes += [t for t in (drops_text(sink.session), _skipped_text(reader), _rescaled_text(stream)) if t]
     if sink.frames:
         h, w = sink.size
-        head = f"wrote {sink.frames} frames ({w}x{h}) to {os.path.join(sink.output.subfolder, sink.output.filename)}"
+        head = f"wrote {plural(sink.frames, 'frame')} ({w}x{h}) to {os.path.join(sink.output.subfolder, sink.output.filename)}"
     else:
         head = "no frames written"
     report = "; ".join([head, *notes])
@@ -193,15 +207,15 @@ def _skipped_text(reader) -> str:
     skipped = getattr(reader, "skipped", None)
     if not skipped:
         return ""
-    names = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-    return f"skipped {len(skipped)} unreadable images ({names})"
+    names = "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
+    return f"skipped {plural(len(skipped), 'image')} that could not be used: {names}"
 
 
 def _rescaled_text(stream: FrameStream) -> str:
     sizer = stream.sizer
     if not sizer.rescaled:
         return ""
-    return f"{sizer.rescaled} frames of another size were scaled to {sizer.size[1]}x{sizer.size[0]}"
+    return f"{plural(sizer.rescaled, 'frame')} of another size scaled to {sizer.size[1]}x{sizer.size[0]}"
 
 
 NODES = [StreamV2VLoop]

@@ -11,6 +11,7 @@ from .input_files import check_input
 from .loop_inputs import source_inputs
 from .loop_sources import FILE_SOURCES, FramePick, SourceChoice
 from .sampler_nodes import CATEGORY, from_inputs
+from .wording import every_nth, plural
 
 log = logging.getLogger("streamv2v")
 
@@ -74,9 +75,14 @@ class StreamV2VNextFrame(io.ComfyNode):
             first = current.index
             frames = _take(current, count)
             if not frames:
-                if at_end == "stop" or current.index == 0:
-                    raise ValueError(f"StreamV2V cursor {name!r}: end of the source after {current.index} frames "
-                                     f"(set at_end to 'loop' or reset to start again)")
+                if current.index == 0:
+                    raise ValueError(f"StreamV2V cursor {name!r}: no frames left after skipping "
+                                     f"{plural(pick.skip_first, 'frame')} ({every_nth(pick.every_nth)} kept): "
+                                     f"lower skip_first")
+                if at_end == "stop":
+                    raise ValueError(f"StreamV2V cursor {name!r}: end of the source after "
+                                     f"{plural(current.index, 'frame')} (set at_end to 'loop', or reset to start "
+                                     f"again)")
                 log.info("StreamV2V cursor %r: end of the source, looping to the first frame", name)
                 current = _restart(name, key, origin, pick)
                 first, frames = 0, _take(current, count)
