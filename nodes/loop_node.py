@@ -12,7 +12,7 @@ from comfy_execution.utils import get_executing_context
 import comfy.model_management
 
 from ..streamv2v_core.frames import selected_count
-from ..streamv2v_core.live_session import SESSIONS, check_session_name
+from ..streamv2v_core.live_session import SESSIONS
 from ..streamv2v_core.registry import Registry
 from ..streamv2v_core.video_io import shortfall
 from .input_files import check_input, modified_time
@@ -84,14 +84,11 @@ class StreamV2VLoop(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, source=VIDEO_FILE, file="", session="webcam", filename_prefix=DEFAULT_PREFIX):
-        try:
-            check_prefix(filename_prefix)
-            check_session_name(session)
-        except ValueError as error:
-            return str(error)
-        problem = check_input(file) if source not in LIVE_SOURCES else None
-        return problem or True
+    def validate_inputs(cls, file=""):
+        # ComfyUI reports a message on every input this function takes, so it takes only `file` (checked
+        # whatever the source: a name outside the input folder is never accepted). filename_prefix and
+        # session are checked first thing in execute, by name.
+        return check_input(file) or True
 
     @classmethod
     def fingerprint_inputs(cls, source=VIDEO_FILE, file="", **kwargs):
@@ -104,12 +101,12 @@ class StreamV2VLoop(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, vae, video=None, **inputs) -> io.NodeOutput:
+        prefix = check_prefix(inputs.get("filename_prefix", DEFAULT_PREFIX))
+        session = SESSIONS.get(inputs.get("session", "webcam"))
         settings = from_inputs(StreamSettings, inputs)
         settings.check()
         pick = from_inputs(FramePick, inputs)
         origin = from_inputs(SourceChoice, inputs)
-        prefix = check_prefix(inputs.get("filename_prefix", DEFAULT_PREFIX))
-        session = SESSIONS.get(inputs.get("session", "webcam"))
         node_id = node_id_of(cls)
         sizer = pick.sizer()
         reader = origin.open(video, session, sizer, status=lambda: status)

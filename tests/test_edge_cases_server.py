@@ -237,3 +237,80 @@ def test_an_8k_video_read_small_stays_bounded_and_interrupt_stops_it_quickly(com
     print(f"8K at 64x64: /interrupt stopped the loop in {stopped:.2f} s, after {written} frames")
     assert written and 0 < written[0] < 40, f"the loop was not stopped while it ran: {history['status']}"
     assert stopped < 5.0, f"/interrupt took {stopped:.1f} s (bound 5 s)"
+
+
+# --------------------------------------------------------------------------- cache, names, prefixes, errors
+
+def mp4s(server, subfolder):
+    folder = server.output_dir / subfolder
+    return sorted(p.name for p in folder.glob("*.mp4")) if folder.exists() else []
+
+
+def test_a_cancelled_loop_leaves_other_loops_cached(comfy_server, video_8k):
+    """Two loop nodes in one workflow: cancelling one must not make the other (unchanged) run again."""
+    make_clip(comfy_server.input_dir / "other.mp4", frames=3, tone=False)
+    other = loop_prompt("cached/other", file="other.mp4", width=64, height=64)["3"]
+    long_run = loop_prompt("cancelled/long", file=video_8k, width=64, height=64, session="cancelme")["3"]
+
+    def prompt(max_frames):
+        return {**loop_prompt("unused"), "3": other,
+                "4": {**long_run, "inputs": {**long_run["inputs"], "max_frames": max_frames}}}
+
+    comfy_server.run(prompt(2), timeout=300)
+    assert len(mp4s(comfy_server, "cached")) == 1 and len(mp4s(comfy_server, "cancelled")) == 1
+    prompt_id = comfy_server.queue_prompt(prompt(12))  # node 4 changed: it runs; node 3 is cached
+    deadline = time.monotonic() + 120
+    while len([p for p in (comfy_server.output_dir / "cancelled").glob("*.mp4") if p.stat().st_size > 2000]) < 2:
+        assert time.monotonic() < deadline, comfy_server.log_tail()
+        time.sleep(0.1)
+    comfy_server.interrupt()
+    while comfy_server.history(prompt_id) is None:
+        time.sleep(0.1)
+    assert len(mp4s(comfy_server, "cancelled")) == 2
+    comfy_server.run(prompt(12), timeout=300)  # the cancelled node runs again; the other stays cached
+    assert len(mp4s(comfy_server, "cancelled")) == 3
+    assert len(mp4s(comfy_server, "cached")) == 1, "an unrelated loop ran again after another was cancelled"
+
+
+def bank_only_prompt(name):
+    return {**TINY,
+            "10": {"class_type": "FeatureBank", "inputs": {"name": name, "mode": "dyme", "size": 1, "interval": 1,
+                                                           "seed": 0}},
+            "11": {"class_type": "ExtendedAttentionPatch", "inputs": {"model": ["1", 0], "bank": ["10", 0],
+                                                                      "blocks": "all"}},
+            **ksampler("20", ["11", 0], "euler", "names")}
+
+
+def test_every_bank_name_a_prompt_can_use_clears_and_deletes_and_others_are_refused_up_front(comfy_server):
+    from urllib.parse import quote
+    longest = "b" * 199 + "é"
+    comfy_server.run(bank_only_prompt(longest))
+    code, body = http(comfy_server, "POST", f"/streamv2v/banks/{quote(longest)}/clear")
+    assert code == 200 and body["status"]["frames_seen"] == 0
+    code, body = http(comfy_server, "DELETE", f"/streamv2v/banks/{quote(longest)}")
+    assert code == 200 and body["removed"] is True
+    for bad in ("b" * 300, "evil\nStreamV2V bank 'x' cleared: forged line"):
+        with pytest.raises(Exception, match="is not allowed: use 1 to 200 printable characters") as refused:
+            comfy_server.queue_prompt(bank_only_prompt(bad))
+        errors = refused.value.response["node_errors"]["10"]["errors"]
+        assert [e["extra_info"]["input_name"] for e in errors] == ["name"]  # on the one input at fault
+    assert "forged line" not in comfy_server.log_text()
+
+
+def test_a_bad_file_is_reported_on_file_alone_and_a_bad_prefix_names_itself(comfy_server):
+    with pytest.raises(Exception) as refused:
+        comfy_server.queue_prompt(loop_prompt("x/y", file="../outside.mp4"))
+    errors = refused.value.response["node_errors"]["3"]["errors"]
+    assert [e["extra_info"]["input_name"] for e in errors] == ["file"]
+    make_clip(comfy_server.input_dir / "prefix.mp4", frames=2, tone=False)
+    with pytest.raises(PromptFailed, match="filename_prefix '/abs' is an absolute path"):
+        comfy_server.run(loop_prompt("/abs", file="prefix.mp4", width=64, height=64))
+
+
+def test_date_in_a_prefix_works_as_in_core(comfy_server):
+    make_clip(comfy_server.input_dir / "dated.mp4", frames=2, tone=False)
+    entry = comfy_server.run(loop_prompt("dated/%date:yyyy-MM-dd%/clip_%year%", file="dated.mp4", width=64,
+                                         height=64), timeout=300)
+    (path,) = comfy_server.output_files(entry)
+    today = time.strftime("%Y-%m-%d")
+    assert path.parent.name == today and path.name.startswith(f"clip_{time.strftime('%Y')}_")

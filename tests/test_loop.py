@@ -178,8 +178,8 @@ def test_bad_input_fails_before_work(parts, comfy_dirs, tmp_path):
     assert not list(out.rglob("*")), "bad input left a file behind"
     problems = {name: StreamV2VLoop.validate_inputs(file=name) for name in ("../outside.mp4", "gone.mp4")}
     assert outside in problems["../outside.mp4"] and "not in ComfyUI's input folder" in problems["gone.mp4"]
-    assert "filename_prefix is empty" in StreamV2VLoop.validate_inputs(filename_prefix=" ")
-    assert StreamV2VLoop.validate_inputs(source="browser webcam", file="../x") is True  # live: file unused
+    assert outside in StreamV2VLoop.validate_inputs(file="../x")  # refused whatever the source
+    assert StreamV2VLoop.validate_inputs(file="") is True
 
 
 def test_new_runs_never_overwrite_earlier_output(parts, comfy_dirs):
