@@ -44,7 +44,8 @@ def stream_inputs() -> list:
         io.Float.Input("similarity_threshold", default=0.98, min=0.0, max=0.999, step=0.001, optional=True,
                        tooltip="Advanced: cosine similarity above which frames may be skipped."),
         io.Int.Input("max_skips", default=10, min=1, max=1000, optional=True,
-                     tooltip="Advanced: at most this many frames in a row reuse an output."),
+                     tooltip="Advanced: once more than this many frames in a row reused an output, the next is "
+                             "processed (StreamDiffusion's rule: at most max_skips + 1 in a row)."),
         io.Combo.Input("bank_start", options=list(BANK_START_CHOICES), default=FRESH, optional=True,
                        tooltip=f"'{FRESH}': this run starts a new stream (the feature bank is cleared, frames "
                                f"count from 0). '{CONTINUE}': carry on from the previous run of the same bank "

@@ -258,7 +258,10 @@ class FeatureBank:
         source, target = group.flat(), unit.flat()
         for first, count, stride in _progressions(keys):
             sl = slice(first, first + (count - 1) * stride + 1, stride)
-            target[:, sl] = torch.nn.functional.normalize(source[:, sl].float(), dim=-1).to(target.dtype)
+            # In float32 at least, in float64 for a float64 bank (FF's threshold is decided in this precision).
+            part = source[:, sl]
+            part = part.to(torch.promote_types(part.dtype, torch.float32))
+            target[:, sl] = torch.nn.functional.normalize(part, dim=-1).to(target.dtype)
 
     def _action(self, name: str, w: KeyWrite) -> tuple[int, str, int]:
         """(frames held, "append" | "ring" | "merge", ring position) for writing ``w``."""
