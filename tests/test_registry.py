@@ -79,3 +79,24 @@ def test_bank_names_that_cannot_be_cleared_or_logged_safely_are_refused(name):
     with pytest.raises(ValueError, match="is not allowed: use 1 to 200 printable characters"):
         check_bank_name(name)
     assert check_bank_name("  my bank é ") == "my bank é"
+
+
+def test_signatures_never_take_a_reused_id_for_the_same_model():
+    """A reloaded checkpoint often gets its predecessor's id(): signatures hold weak references instead."""
+    import gc
+
+    from streamv2v.nodes.model_patching import SameObject
+
+    class Model:
+        pass
+
+    first = Model()
+    kept = SameObject(first)
+    assert kept == SameObject(first) and hash(kept) == hash(SameObject(first))
+    old_id = id(first)
+    del first
+    gc.collect()
+    made = [Model() for _ in range(10_000)]  # kept alive: one of them lands on the freed memory
+    reloaded = next(m for m in made if id(m) == old_id)
+    assert SameObject(reloaded) != kept
+    assert frozenset({("w", SameObject(reloaded))}) != frozenset({("w", kept)})
