@@ -5,11 +5,12 @@ from comfy_api.latest import io
 
 from ..streamv2v_core.bank import MODES, BankConfig, BankHandle, check_bank_name
 from ..streamv2v_core.patches import ALL, BLOCK_CHOICES, LOW_RES_DECODER, ExtendedAttention, FeatureFusion
+from .advanced_inputs import advanced
 from .model_patching import patched_clone
 
 Bank = io.Custom("STREAMV2V_BANK")
 
-CATEGORY = "StreamV2V"
+CATEGORY = "StreamV2V/Bank"
 
 
 class FeatureBankNode(io.ComfyNode):
@@ -37,8 +38,8 @@ class FeatureBankNode(io.ComfyNode):
                 io.Int.Input("interval", default=4, min=1, max=1000,
                              tooltip="Update the bank every this many frames. Larger holds the look longer; "
                                      "smaller follows fast motion better."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
-                             tooltip="Advanced: seed of the bank's own random split for dynamic merging."),
+                advanced(io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                                      tooltip="Seed of the bank's own random split for dynamic merging.")),
             ],
             outputs=[Bank.Output(display_name="bank", tooltip="Connect to the patch nodes and the StreamV2V sampler.")],
         )

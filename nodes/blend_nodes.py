@@ -25,9 +25,10 @@ import comfy.context_windows as cw
 from comfy_api.latest import io
 
 from ..streamv2v_core.chunks import draw_seams, frame_owners
+from .advanced_inputs import advanced
 
 LOG = logging.getLogger("streamv2v.blend")
-CATEGORY = "StreamV2V"
+CATEGORY = "StreamV2V/Sampling"
 FUSE_METHOD = "streamingt2v_randomized_blend"
 FRAME_AXES = {"auto": None, "0 (image batch)": 0, "2 (video frames)": 2}
 
@@ -47,13 +48,6 @@ def core_handler_options(init=cw.IndexListContextHandler.__init__) -> dict:
     StreamingT2V chunk is denoised on its own frames only, so it is switched off where it exists.
     """
     return {"causal_window_fix": False} if "causal_window_fix" in inspect.signature(init).parameters else {}
-
-
-def advanced(input_cls, tooltip: str) -> dict:
-    """Keywords for an advanced V3 input: ``advanced=True`` on ComfyUI versions that have the flag (the
-    widget folds away); older ones show the tooltip, which starts with "Advanced:"."""
-    flag = "advanced" in inspect.signature(input_cls.__init__).parameters
-    return {"tooltip": tooltip, **({"advanced": True} if flag else {})}
 
 
 def settings_error(chunk_length, overlap) -> str | None:
@@ -154,7 +148,7 @@ class RandomizedBlendContext(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="RandomizedBlendContext",
-            display_name="StreamV2V Long-Video Chunks (randomized blending)",
+            display_name="StreamV2V Long-Video Chunks",
             category=CATEGORY,
             description="Samples a long video chunk by chunk with StreamingT2V's randomized blending: overlapping "
                         "chunks share their noise, and at every step each overlap is cut at one random frame, "
@@ -174,13 +168,12 @@ class RandomizedBlendContext(io.ComfyNode):
                              tooltip="Frames shared by consecutive chunks, counted like chunk_length (paper: 8; for "
                                      "Wan latents try 2 to 6). 0 samples the chunks independently. Must be smaller "
                                      "than chunk_length."),
-                io.Combo.Input("frame_axis", options=list(FRAME_AXES), default="auto",
-                               **advanced(io.Combo.Input, "Advanced: where the frames are. auto reads it from the "
-                                                          "model: 2 for video latents [B, C, T, H, W], 0 (the "
-                                                          "batch) for image models.")),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
-                             **advanced(io.Int.Input, "Advanced: seed of the random cut positions (one per overlap "
-                                                      "and step; the same seed gives the same cuts).")),
+                advanced(io.Combo.Input("frame_axis", options=list(FRAME_AXES), default="auto",
+                                        tooltip="Where the frames are. auto reads it from the model: 2 for video "
+                                                "latents [B, C, T, H, W], 0 (the batch) for image models.")),
+                advanced(io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
+                                      tooltip="Seed of the random cut positions (one per overlap and step; the same "
+                                              "seed gives the same cuts).")),
             ],
             outputs=[io.Model.Output(tooltip="The model, sampling long latents chunk by chunk with randomized "
                                              "blending. Connect it to KSampler.")],

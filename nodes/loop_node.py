@@ -21,7 +21,7 @@ from .loop_sink import LoopSink, drops_text
 from .loop_sources import BROWSER, LIVE_SOURCES, VIDEO_FILE, FramePick, FrameStream, SourceChoice
 from .node_status import NodeStatus, node_id_of
 from .output_files import check_prefix
-from .sampler_nodes import CATEGORY, from_inputs, stream_inputs
+from .sampler_nodes import VIDEO_CATEGORY, from_inputs, stream_inputs
 from .stream_engine import StreamSettings, run_stream
 from .video_input import video_output
 from .wording import every_nth, plural
@@ -41,8 +41,8 @@ class StreamV2VLoop(io.ComfyNode):
         shared = stream_inputs()
         return io.Schema(
             node_id="StreamV2VLoop",
-            display_name="StreamV2V Loop (video / camera / webcam -> MP4)",
-            category=CATEGORY,
+            display_name="StreamV2V Loop",
+            category=VIDEO_CATEGORY,
             description="Pulls frames one by one from a video (a file in ComfyUI's input folder or a connected VIDEO), "
                         "an image folder, a camera or the browser's webcam, restyles each with the StreamV2V stream "
                         "engine (as StreamV2V Sampler) and writes it to an MP4 in the output folder as soon as it is "

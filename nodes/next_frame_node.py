@@ -10,7 +10,7 @@ from .frame_cursors import CURSORS, FrameCursor
 from .input_files import check_input
 from .loop_inputs import source_inputs
 from .loop_sources import FILE_SOURCES, FramePick, SourceChoice
-from .sampler_nodes import CATEGORY, from_inputs
+from .sampler_nodes import VIDEO_CATEGORY, from_inputs
 from .wording import every_nth, plural
 
 log = logging.getLogger("streamv2v")
@@ -21,8 +21,8 @@ class StreamV2VNextFrame(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StreamV2VNextFrame",
-            display_name="StreamV2V Next Frame (per queue)",
-            category=CATEGORY,
+            display_name="StreamV2V Next Frame",
+            category=VIDEO_CATEGORY,
             description="Gives the next frame (or the next `count` frames) of a video or image folder every time the "
                         "prompt runs: for Auto Queue, which then restyles a long video one chunk per run with our "
                         "nodes alone. The position is kept between prompts under the cursor name; a FeatureBank with "

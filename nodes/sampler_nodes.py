@@ -8,11 +8,13 @@ from comfy_api.latest import io
 
 import comfy.utils
 
+from .advanced_inputs import advanced
 from .node_status import node_id_of
 from .previews import PREVIEW_INTERVAL_S, Throttle, preview_of
 from .stream_engine import BANK_START_CHOICES, CONTINUE, FRESH, IN_FLIGHT, StreamSettings, run_stream
 
-CATEGORY = "StreamV2V"
+CATEGORY = "StreamV2V/Sampling"
+VIDEO_CATEGORY = "StreamV2V/Video"  # the loop, next-frame and webcam nodes
 
 
 def stream_inputs() -> list:
@@ -41,11 +43,11 @@ def stream_inputs() -> list:
         io.Boolean.Input("similarity_filter", default=False, optional=True,
                          tooltip="Reuse the previous output for frames that barely changed (saves work on "
                                  "static shots)."),
-        io.Float.Input("similarity_threshold", default=0.98, min=0.0, max=0.999, step=0.001, optional=True,
-                       tooltip="Advanced: cosine similarity above which frames may be skipped."),
-        io.Int.Input("max_skips", default=10, min=1, max=1000, optional=True,
-                     tooltip="Advanced: once more than this many frames in a row reused an output, the next is "
-                             "processed (StreamDiffusion's rule: at most max_skips + 1 in a row)."),
+        advanced(io.Float.Input("similarity_threshold", default=0.98, min=0.0, max=0.999, step=0.001, optional=True,
+                                tooltip="Cosine similarity above which frames may be skipped.")),
+        advanced(io.Int.Input("max_skips", default=10, min=1, max=1000, optional=True,
+                              tooltip="Once more than this many frames in a row reused an output, the next is "
+                                      "processed (StreamDiffusion's rule: at most max_skips + 1 in a row).")),
         io.Combo.Input("bank_start", options=list(BANK_START_CHOICES), default=FRESH, optional=True,
                        tooltip=f"'{FRESH}': this run starts a new stream (the feature bank is cleared, frames "
                                f"count from 0). '{CONTINUE}': carry on from the previous run of the same bank "
@@ -57,10 +59,11 @@ def stream_inputs() -> list:
                                f"(the first input is shown while the pipeline fills). A change of model, LoRA, "
                                f"size, steps, strength or cfg always starts afresh, with the reason in the log and "
                                f"the bank's status line."),
-        io.Boolean.Input("compile", default=False, optional=True,
-                         tooltip="Advanced: run the UNet (with the bank patches inside) through torch.compile for "
-                                 "speed on a GPU. The first frames take longer while it compiles; if compiling is "
-                                 "not possible here the stream runs as usual, with a note in the log."),
+        advanced(io.Boolean.Input("compile", default=False, optional=True,
+                                  tooltip="Run the UNet (with the bank patches inside) through torch.compile for "
+                                          "speed on a GPU. The first frames take longer while it compiles; if "
+                                          "compiling is not possible here the stream runs as usual, with a note in "
+                                          "the log.")),
     ]
 
 

@@ -76,7 +76,9 @@ def decode_frame(encoded: bytes, fit: tuple[int, int] | None = None) -> torch.Te
             rgb = np.array(image.convert("RGB"))  # a writable copy: torch shares its memory
     except BadFrame:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:  # PIL's own bound on the header's pixels came first
+        raise BadFrame("too large", str(error)) from None
+    except (OSError, ValueError, SyntaxError) as error:
         raise BadFrame("undecodable", f"{type(error).__name__}: {error}") from None
     return to_tensor(rgb)
 

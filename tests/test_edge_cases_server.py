@@ -314,3 +314,25 @@ def test_date_in_a_prefix_works_as_in_core(comfy_server):
     (path,) = comfy_server.output_files(entry)
     today = time.strftime("%Y-%m-%d")
     assert path.parent.name == today and path.name.startswith(f"clip_{time.strftime('%Y')}_")
+
+
+# --------------------------------------------------------------------------- conventions
+
+PACK = ["FeatureBank", "ExtendedAttentionPatch", "FeatureFusionPatch", "StreamV2VSampler", "StreamV2VLoop",
+        "StreamV2VNextFrame", "StreamV2VWebcamEcho", "StreamV2VMetrics", "RandomizedBlendContext"]
+TUNING = {"FeatureBank": {"seed"}, "StreamV2VSampler": {"similarity_threshold", "max_skips", "compile"},
+          "StreamV2VLoop": {"similarity_threshold", "max_skips", "compile"},
+          "StreamV2VMetrics": {"flow_size", "frames_per_latent"}, "RandomizedBlendContext": {"frame_axis", "seed"}}
+
+
+def test_categories_display_names_and_advanced_inputs_follow_core(comfy_server):
+    info = comfy_server.object_info()
+    for node in PACK:
+        spec = info[node]
+        assert spec["category"] in ("StreamV2V/Bank", "StreamV2V/Sampling", "StreamV2V/Video", "StreamV2V/Metrics")
+        assert len(spec["display_name"]) <= 30 and "(" not in spec["display_name"], spec["display_name"]
+        assert len(spec["description"]) > 80
+        inputs = {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}
+        flagged = {name for name, (_, *options) in inputs.items() if options and options[0].get("advanced")}
+        assert flagged == TUNING.get(node, set()), node
+        assert not [n for n, (_, *o) in inputs.items() if o and str(o[0].get("tooltip", "")).startswith("Advanced")]

@@ -41,3 +41,12 @@ def test_similarity_filter_forces_a_frame_through_after_more_than_max_skips():
     still = torch.zeros(4, 4, 3)
     flt = SimilarityFilter(threshold=0.5, max_skips=2)
     assert [flt.skip(still) for _ in range(8)] == [False, True, True, True, False, True, True, True]
+
+
+def test_flow_on_frames_under_12_pixels_says_to_raise_flow_size():
+    import pytest
+
+    from streamv2v.streamv2v_core.metrics.warp import compute_flows
+    with pytest.raises(ValueError, match="too small for optical flow .* use flow_size 16 or more"):
+        compute_flows(torch.rand(3, 8, 8, 3), size=None)
+    assert len(compute_flows(torch.rand(3, 8, 8, 3), size=(16, 16))) == 2
