@@ -27,7 +27,7 @@ class StreamV2VNextFrame(io.ComfyNode):
                         "prompt runs: for Auto Queue, which then restyles a long video one chunk per run with our "
                         "nodes alone. The position is kept between prompts under the cursor name; a FeatureBank with "
                         "a fixed name keeps the bank too. (comfystream only accepts graphs whose frame input is "
-                        "LoadImage/LoadTensor: use example_workflows/streamv2v_comfystream_api.json there.)",
+                        "LoadImage/LoadTensor: use workflows/api/streamv2v_comfystream_api.json there.)",
             inputs=[*source_inputs(FILE_SOURCES),
                     io.String.Input("cursor", default="default",
                                     tooltip="Name of the position kept between prompts; nodes with the same "
