@@ -50,3 +50,24 @@ def test_flow_on_frames_under_12_pixels_says_to_raise_flow_size():
     with pytest.raises(ValueError, match="too small for optical flow .* use flow_size 16 or more"):
         compute_flows(torch.rand(3, 8, 8, 3), size=None)
     assert len(compute_flows(torch.rand(3, 8, 8, 3), size=(16, 16))) == 2
+
+
+def test_the_vae_scale_factor_is_read_not_guessed():
+    """device_vae used to turn any exception into a factor of 8."""
+    import copy
+
+    import pytest
+    from host import tiny_models
+
+    from streamv2v.nodes.device_vae import vae_downscale
+    vae = tiny_models.tiny_taesd_vae(0)
+    assert vae_downscale(vae) == 8
+    odd = copy.copy(vae)
+    odd.downscale_ratio = "eight"
+    with pytest.raises(ValueError, match="reports 't' pixels per latent cell"):
+        vae_downscale(odd)
+    broken = copy.copy(vae)
+    broken.downscale_ratio = None  # spacial_compression_encode itself fails: the error is not hidden
+    with pytest.raises(Exception) as raised:
+        vae_downscale(broken)
+    assert "pixels per latent cell" in str(raised.value) or isinstance(raised.value, TypeError)
