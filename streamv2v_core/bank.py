@@ -339,13 +339,14 @@ class FeatureBank:
         return self
 
     def status(self) -> dict:
-        """A summary for logs and the UI."""
+        """A summary for logs and the UI (``frames_seen`` counts a running stream's frames as they go)."""
+        running = getattr(self.stream, "next_frame", 0)  # the stream engine's count, ahead of frames_seen mid-run
         return {
             "name": self.name,
             "mode": self.config.mode,
             "size": self.config.size,
             "interval": self.config.interval,
-            "frames_seen": self.frames_seen,
+            "frames_seen": max(self.frames_seen, running if isinstance(running, int) else 0),
             "entries": self.num_entries(),
             "bytes": self.nbytes(),
             "last_reset": self.last_reset_reason,

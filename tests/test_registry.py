@@ -100,3 +100,15 @@ def test_signatures_never_take_a_reused_id_for_the_same_model():
     reloaded = next(m for m in made if id(m) == old_id)
     assert SameObject(reloaded) != kept
     assert frozenset({("w", SameObject(reloaded))}) != frozenset({("w", kept)})
+
+
+def test_bank_status_counts_a_running_streams_frames():
+    """The status route showed frames_seen 0 until a running loop ended."""
+    from types import SimpleNamespace
+
+    from streamv2v.streamv2v_core.bank import FeatureBank
+    bank = FeatureBank(BankConfig(), name="live")
+    bank.stream = SimpleNamespace(next_frame=7)  # what the stream engine keeps on the bank while it runs
+    assert bank.status()["frames_seen"] == 7
+    bank.reset("done")
+    assert bank.status()["frames_seen"] == 0
