@@ -22,7 +22,7 @@ from .loop_sources import BROWSER, LIVE_SOURCES, VIDEO_FILE, FramePick, FrameStr
 from .node_status import NodeStatus, node_id_of
 from .output_files import check_prefix
 from .sampler_nodes import VIDEO_CATEGORY, from_inputs, stream_inputs
-from .stream_engine import StreamSettings, run_stream
+from .stream_engine import NODE_STREAMS, StreamSettings, banks_of, run_stream
 from .video_input import video_output
 from .wording import every_nth, plural
 
@@ -119,15 +119,17 @@ class StreamV2VLoop(io.ComfyNode):
             audio = reader.audio(pick.skip_first / float(reader.fps)) if reader.fps else None
             sink = LoopSink(prefix, rate, audio, status, session if live else None)
             stream = FrameStream(reader, pick, sizer, session, sink.stamps)
-            interrupted = _run(model, positive, negative, vae, stream, settings, sink, origin,
-                               f"StreamV2VLoop {node_id}" if node_id is not None else None)
+            key = f"StreamV2VLoop {node_id}" if node_id is not None else None
+            start = _skips(model, key)
+            interrupted = _run(model, positive, negative, vae, stream, settings, sink, origin, key)
+            reused = _reused_since(model, key, start)
         finally:
             session.finish()
             reader.close()
         if interrupted or stream.stopped:
-            key = _cut_key(node_id, inputs.get("source", VIDEO_FILE), inputs.get("file", ""))
-            _CUT_SHORT.put(key, (_CUT_SHORT.find(key) or 0) + 1)
-        return _outputs(sink, stream, reader, pick, interrupted)
+            cut = _cut_key(node_id, inputs.get("source", VIDEO_FILE), inputs.get("file", ""))
+            _CUT_SHORT.put(cut, (_CUT_SHORT.find(cut) or 0) + 1)
+        return _outputs(sink, stream, reader, pick, interrupted, reused)
 
 
 def _run(model, positive, negative, vae, stream, settings, sink, origin, stream_key) -> bool:
@@ -162,7 +164,30 @@ def _cut_key(node_id, source, file) -> str:
     return repr((node_id, source, file))
 
 
-def _outputs(sink: LoopSink, stream: FrameStream, reader, pick: FramePick, interrupted: bool) -> io.NodeOutput:
+def _filter_of(model, stream_key):
+    """The similarity filter of the stream this loop runs (on its bank, or kept under ``stream_key``)."""
+    banks = banks_of(model)
+    state = banks[0].stream if banks else (NODE_STREAMS.get(stream_key) if stream_key else None)
+    return getattr(state, "filter", None)
+
+
+def _skips(model, stream_key) -> tuple:
+    """(the stream's filter before a run, its skip count then)."""
+    before = _filter_of(model, stream_key)
+    return before, (before.skips if before is not None else 0)
+
+
+def _reused_since(model, stream_key, start: tuple) -> int:
+    """Frames the similarity filter skipped since ``start`` (a fresh stream has a new filter)."""
+    before, count = start
+    after = _filter_of(model, stream_key)
+    if after is None:
+        return 0
+    return after.skips - (count if after is before else 0)
+
+
+def _outputs(sink: LoopSink, stream: FrameStream, reader, pick: FramePick, interrupted: bool,
+             reused: int = 0) -> io.NodeOutput:
     notes = []
     if interrupted:
         notes.append("cancelled: the MP4 keeps every frame written")
@@ -174,10 +199,13 @@ def _outputs(sink: LoopSink, stream: FrameStream, reader, pick: FramePick, inter
         if short:
             log.warning("StreamV2V loop: %s", short)
             notes.append(f"WARNING: {short}")
+    if reused:
+        notes.append(f"the similarity filter reused the previous output for {plural(reused, 'frame')}")
     notes += [t for t in (drops_text(sink.session), _skipped_text(reader), _rescaled_text(stream)) if t]
     if sink.frames:
         h, w = sink.size
-        head = f"wrote {plural(sink.frames, 'frame')} ({w}x{h}) to {os.path.join(sink.output.subfolder, sink.output.filename)}"
+        written = os.path.join(sink.output.subfolder, sink.output.filename)
+        head = f"wrote {plural(sink.frames, 'frame')} ({w}x{h}) to {written}"
     else:
         head = "no frames written"
     report = "; ".join([head, *notes])

@@ -42,6 +42,7 @@ class SimilarityFilter:
         self._reference: torch.Tensor | None = None
         self._skipped = 0
         self._seen = 0
+        self.skips = 0  # frames skipped since the filter was made (for reports)
 
     def skip(self, frame: torch.Tensor) -> bool:
         """frame: an image in 0..1 (e.g. ``[H, W, 3]``). True when it should reuse the previous output."""
@@ -50,6 +51,7 @@ class SimilarityFilter:
             coin = random.Random(zlib.crc32(repr((self.seed, index)).encode())).random()
             if coin < skip_probability(frame, self._reference, self.threshold):
                 self._skipped += 1
+                self.skips += 1
                 return True
         self._reference = frame.detach().clone()
         self._skipped = 0

@@ -60,7 +60,8 @@ def test_two_call_samplers_give_frame_0_exactly_the_unpatched_result(comfy_serve
                                                                         "blocks": "all"}},
               "12": {"class_type": "FeatureFusionPatch", "inputs": {"model": ["11", 0], "bank": ["10", 0],
                                                                     "alpha": 0.75, "threshold": 0.0, "blocks": "all"}},
-              **ksampler("20", ["12", 0], sampler, f"{sampler}_bank"), **ksampler("30", ["1", 0], sampler, f"{sampler}_plain")}
+              **ksampler("20", ["12", 0], sampler, f"{sampler}_bank"),
+              **ksampler("30", ["1", 0], sampler, f"{sampler}_plain")}
     entry = comfy_server.run(prompt)
     outputs = entry["outputs"]
     banked = latent_of(comfy_server, {"outputs": {"s20": outputs["s20"]}})

@@ -250,3 +250,25 @@ def test_next_frame_cursor_advances_batches_loops_and_resets(comfy_dirs):
         StreamV2VNextFrame.execute(**{**args, "file": "gone.mp4"})
     with pytest.raises(ValueError, match="outside ComfyUI's input folder"):
         StreamV2VNextFrame.execute(**{**args, "file": "/etc/hostname"})
+
+
+def test_the_report_counts_the_frames_the_similarity_filter_skipped(parts, comfy_dirs):
+    inp, _ = comfy_dirs
+    folder = inp / "still"
+    folder.mkdir()
+    from PIL import Image
+    still = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    for i in range(5):
+        Image.fromarray(still).save(folder / f"{i:03}.png")
+    _, _, count, _, report = run_loop(parts, source="image folder", file="still/", similarity_filter=True,
+                                      similarity_threshold=0.5).args
+    assert count == 5 and "the similarity filter reused the previous output for 4 frames" in report
+
+
+def test_next_frame_past_the_end_says_to_lower_skip_first(comfy_dirs):
+    inp, _ = comfy_dirs
+    make_clip(inp / "short.mp4", frames=3, fps=10, tone=False)
+    with pytest.raises(ValueError, match=r"no frames left after skipping 100 frames \(every frame kept\): lower "
+                                         r"skip_first") as raised:
+        StreamV2VNextFrame.execute(source="video file", file="short.mp4", skip_first=100, cursor="past", at_end="loop")
+    assert "at_end" not in str(raised.value)

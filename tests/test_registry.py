@@ -33,7 +33,11 @@ def test_refuse_policy_and_all_busy_say_what_to_do():
         busy.put("y", 2)
 
 
-def test_clear_all_keeps_busy_entries_and_clear_all_registries_reaches_registered_ones():
+def test_clear_all_keeps_busy_entries_and_clear_all_registries_reaches_registered_ones(monkeypatch):
+    import weakref
+
+    from streamv2v.streamv2v_core import registry
+    monkeypatch.setattr(registry, "_ALL", weakref.WeakSet())  # leave the pack's own banks and sessions alone
     closed = []
     reg = Registry("probe-kind", 4, close=closed.append, busy=lambda v: v == "running")
     reg.put("a", "idle")
