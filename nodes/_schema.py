@@ -1,7 +1,6 @@
 """Schema pieces shared by several node families: the stream engine's inputs, advanced inputs, settings from inputs."""
 from __future__ import annotations
 
-import inspect
 from dataclasses import fields
 
 from comfy_api.latest import io
@@ -9,14 +8,23 @@ from comfy_api.latest import io
 from ..streamv2v_core.stream.guidance import FULL, GUIDANCE_CHOICES, ONE_TIME_NEGATIVE, SELF_NEGATIVE
 from .engine import BANK_START_CHOICES, CONTINUE, FRESH, IN_FLIGHT
 
-CATEGORY = "StreamV2V"
+BANK_CATEGORY = "StreamV2V/Bank"
+SAMPLING_CATEGORY = "StreamV2V/Sampling"
+VIDEO_CATEGORY = "StreamV2V/Video"  # the loop, next-frame and webcam nodes
+METRICS_CATEGORY = "StreamV2V/Metrics"
 
 
-def advanced(input_cls, tooltip: str) -> dict:
-    """Keywords for an advanced V3 input: ``advanced=True`` on ComfyUI versions that have the flag (the
-    widget folds away); older ones show the tooltip, which starts with "Advanced:"."""
-    flag = "advanced" in inspect.signature(input_cls.__init__).parameters
-    return {"tooltip": tooltip, **({"advanced": True} if flag else {})}
+def advanced(field):
+    """``field`` (a V3 ``io.*.Input``) marked advanced, as core V3 nodes do (the frontend folds it away).
+
+    Newer ComfyUI takes ``advanced=True`` and serialises its ``advanced`` attribute; 0.3.75 has no such
+    argument but serialises ``extra_dict`` into the node info, where the frontend reads the same key.
+    """
+    if hasattr(field, "advanced"):
+        field.advanced = True
+    else:
+        field.extra_dict["advanced"] = True
+    return field
 
 
 def stream_inputs() -> list:
@@ -46,10 +54,11 @@ def stream_inputs() -> list:
         io.Boolean.Input("similarity_filter", default=False, optional=True,
                          tooltip="Reuse the previous output for frames that barely changed (saves work on "
                                  "static shots)."),
-        io.Float.Input("similarity_threshold", default=0.98, min=0.0, max=0.999, step=0.001, optional=True,
-                       tooltip="Advanced: cosine similarity above which frames may be skipped."),
-        io.Int.Input("max_skips", default=10, min=1, max=1000, optional=True,
-                     tooltip="Advanced: at most this many frames in a row reuse an output."),
+        advanced(io.Float.Input("similarity_threshold", default=0.98, min=0.0, max=0.999, step=0.001, optional=True,
+                                tooltip="Cosine similarity above which frames may be skipped.")),
+        advanced(io.Int.Input("max_skips", default=10, min=1, max=1000, optional=True,
+                              tooltip="Once more than this many frames in a row reused an output, the next is "
+                                      "processed (StreamDiffusion's rule: at most max_skips + 1 in a row).")),
         io.Combo.Input("bank_start", options=list(BANK_START_CHOICES), default=FRESH, optional=True,
                        tooltip=f"'{FRESH}': this run starts a new stream (the feature bank is cleared, frames "
                                f"count from 0). '{CONTINUE}': carry on from the previous run of the same bank "
@@ -61,20 +70,27 @@ def stream_inputs() -> list:
                                f"(the first input is shown while the pipeline fills). A change of model, LoRA, "
                                f"size, steps, strength or cfg always starts afresh, with the reason in the log and "
                                f"the bank's status line."),
-        io.Boolean.Input("compile", default=False, optional=True,
-                         tooltip="Advanced: run the UNet (with the bank patches inside) through torch.compile for "
-                                 "speed on a GPU. The first frames take longer while it compiles; if compiling is "
-                                 "not possible here the stream runs as usual, with a note in the log."),
+        advanced(io.Boolean.Input("compile", default=False, optional=True,
+                                  tooltip="Run the UNet (with the bank patches inside) through torch.compile for "
+                                          "speed on a GPU. The first frames take longer while it compiles; if "
+                                          "compiling is not possible here the stream runs as usual, with a note in "
+                                          "the log.")),
+    ]
+
+
+def guidance_inputs() -> list:
+    """How cfg uses the negative prompt (added in 0.3: after every older input, so saved workflows keep
+    their widget values in place)."""
+    return [
         io.Combo.Input("guidance", options=list(GUIDANCE_CHOICES), default=FULL, optional=True,
                        tooltip=f"How cfg above 1 uses the negative prompt. '{FULL}': the negative prompt runs through "
                                f"the model for every frame and step (twice the cost). '{SELF_NEGATIVE}' "
                                f"(StreamDiffusion's residual CFG): the input frame itself is the negative, no extra "
                                f"cost. '{ONE_TIME_NEGATIVE}': the negative prompt runs once per frame, at its first "
                                f"step, and is reused for the later steps (one extra row per frame)."),
-        io.Float.Input("residual_delta", default=1.0, min=0.0, max=1.0, step=0.05, optional=True,
-                       **advanced(io.Float.Input, "Advanced: how much of the residual negative is used "
-                                                  "(StreamDiffusion's delta; 1 = all). Only with a residual "
-                                                  "guidance and cfg above 1.")),
+        advanced(io.Float.Input("residual_delta", default=1.0, min=0.0, max=1.0, step=0.05, optional=True,
+                                tooltip="How much of the residual negative is used (StreamDiffusion's delta; "
+                                        "1 = all). Only with a residual guidance and cfg above 1.")),
     ]
 
 

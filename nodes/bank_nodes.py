@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..streamv2v_core.bank.storage import MODES, BankConfig, BankHandle
+from ..streamv2v_core.bank.storage import MODES, BankConfig, BankHandle, check_bank_name
 from ..streamv2v_core.bank.patches import ALL, BLOCK_CHOICES, LOW_RES_DECODER, ExtendedAttention, FeatureFusion
-from ._schema import CATEGORY
+from ._schema import BANK_CATEGORY, advanced
+from .engine import bank_status
 from .engine.bank_wrappers import patched_clone
 
 Bank = io.Custom("STREAMV2V_BANK")
@@ -17,7 +18,7 @@ class FeatureBankNode(io.ComfyNode):
         return io.Schema(
             node_id="FeatureBank",
             display_name="StreamV2V Feature Bank",
-            category=CATEGORY,
+            category=BANK_CATEGORY,
             description="A named bank of past frames' features. It lives beyond one run: every prompt that "
                         "uses the same name shares it, so frames queued one by one still see their past. The "
                         "node that runs the frames decides when a stream starts (StreamV2V Sampler / Loop: "
@@ -36,8 +37,8 @@ class FeatureBankNode(io.ComfyNode):
                 io.Int.Input("interval", default=4, min=1, max=1000,
                              tooltip="Update the bank every this many frames. Larger holds the look longer; "
                                      "smaller follows fast motion better."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
-                             tooltip="Advanced: seed of the bank's own random split for dynamic merging."),
+                advanced(io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                                      tooltip="Seed of the bank's own random split for dynamic merging.")),
             ],
             outputs=[Bank.Output(display_name="bank", tooltip="Connect to the patch nodes and the StreamV2V sampler.")],
         )
@@ -45,16 +46,18 @@ class FeatureBankNode(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, name):
         # Only `name` is checked here; ComfyUI keeps checking the other inputs' ranges.
-        if not str(name).strip():
-            return "FeatureBank: give the bank a name (any text); banks with the same name are shared."
+        try:
+            check_bank_name(name)
+        except ValueError as error:
+            return f"{error}; banks with the same name are shared"
         return True
 
     @classmethod
     def execute(cls, name, mode, size, interval, seed=0) -> io.NodeOutput:
-        handle = BankHandle(str(name).strip(), BankConfig(mode=mode, size=size, interval=interval, seed=seed))
+        handle = BankHandle(check_bank_name(name), BankConfig(mode=mode, size=size, interval=interval, seed=seed))
         # The status line under the node (web/streamv2v_bank_status.js); a changed mode/size/interval
         # clears the bank here, with the reason.
-        return io.NodeOutput(handle, ui={"streamv2v_bank": [handle.bank.status()]})
+        return io.NodeOutput(handle, ui={"streamv2v_bank": [bank_status(handle.open())]})
 
 
 class ExtendedAttentionPatch(io.ComfyNode):
@@ -63,7 +66,7 @@ class ExtendedAttentionPatch(io.ComfyNode):
         return io.Schema(
             node_id="ExtendedAttentionPatch",
             display_name="StreamV2V Extended Attention",
-            category=CATEGORY,
+            category=BANK_CATEGORY,
             description="Self-attention also attends to the bank's past frames (paper eq. 1): the main source "
                         "of temporal consistency. Returns a patched copy; the input model is unchanged.",
             inputs=[
@@ -87,7 +90,7 @@ class FeatureFusionPatch(io.ComfyNode):
         return io.Schema(
             node_id="FeatureFusionPatch",
             display_name="StreamV2V Feature Fusion",
-            category=CATEGORY,
+            category=BANK_CATEGORY,
             description="Blends each self-attention output with its most similar feature in the bank (paper "
                         "eq. 2). Returns a patched copy; the input model is unchanged.",
             inputs=[

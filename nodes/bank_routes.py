@@ -18,20 +18,23 @@ import logging
 
 from aiohttp import web
 
-from ..streamv2v_core.bank.storage import BANKS
-from .engine.streams import STREAMS
+from ..streamv2v_core.bank.storage import BANKS, MAX_NAME, check_bank_name
+from ..streamv2v_core.registry import clear_all_registries
+from .engine import bank_status
 
 log = logging.getLogger("streamv2v")
-MAX_NAME = 200
 
 
 def _name(request: web.Request) -> str | None:
-    name = request.match_info["name"].strip()
-    return name if 0 < len(name) <= MAX_NAME else None
+    """The bank name of the route, or None if no bank can have it (FeatureBank refuses the same names)."""
+    try:
+        return check_bank_name(request.match_info["name"])
+    except ValueError:
+        return None
 
 
 async def get_banks(request: web.Request) -> web.Response:
-    statuses = [BANKS.get(name).status() for name in BANKS.names()]
+    statuses = [bank_status(bank) for bank in map(BANKS.find, BANKS.names()) if bank is not None]
     return web.json_response({"banks": statuses}, headers={"Cache-Control": "no-store"})
 
 
@@ -41,7 +44,7 @@ async def clear_bank(request: web.Request) -> web.Response:
     if bank is None:
         return web.json_response({"error": f"no bank named {request.match_info['name'][:MAX_NAME]!r}"}, status=404)
     bank.reset("cleared with the Clear bank button")
-    return web.json_response({"status": bank.status()})
+    return web.json_response({"status": bank_status(bank)})
 
 
 async def delete_bank(request: web.Request) -> web.Response:
@@ -55,9 +58,9 @@ async def delete_bank(request: web.Request) -> web.Response:
 
 
 def free_all(reason: str) -> int:
-    """Drop every bank and stream state; returns the bytes the banks held."""
+    """Drop every bank, stream state, session and cursor; returns the bytes the banks held."""
     held = BANKS.free(reason)
-    STREAMS.clear()
+    clear_all_registries()  # stream states, browser sessions, frame cursors (whatever is registered)
     log.info("StreamV2V: %s released %.1f MiB of feature banks", reason, held / 2**20)
     return held
 

@@ -25,7 +25,7 @@ import comfy.context_windows as cw
 from comfy_api.latest import io
 
 from ..streamv2v_core.blend.chunks import draw_seams, frame_owners
-from ._schema import CATEGORY, advanced
+from ._schema import SAMPLING_CATEGORY, advanced
 
 LOG = logging.getLogger("streamv2v.blend")
 FUSE_METHOD = "streamingt2v_randomized_blend"
@@ -147,8 +147,8 @@ class RandomizedBlendContext(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="RandomizedBlendContext",
-            display_name="StreamV2V Long-Video Chunks (randomized blending)",
-            category=CATEGORY,
+            display_name="StreamV2V Long-Video Chunks",
+            category=SAMPLING_CATEGORY,
             description="Samples a long video chunk by chunk with StreamingT2V's randomized blending: overlapping "
                         "chunks share their noise, and at every step each overlap is cut at one random frame, "
                         "earlier frames from the earlier chunk, later ones from the later chunk, so the seams "
@@ -167,13 +167,12 @@ class RandomizedBlendContext(io.ComfyNode):
                              tooltip="Frames shared by consecutive chunks, counted like chunk_length (paper: 8; for "
                                      "Wan latents try 2 to 6). 0 samples the chunks independently. Must be smaller "
                                      "than chunk_length."),
-                io.Combo.Input("frame_axis", options=list(FRAME_AXES), default="auto",
-                               **advanced(io.Combo.Input, "Advanced: where the frames are. auto reads it from the "
-                                                          "model: 2 for video latents [B, C, T, H, W], 0 (the "
-                                                          "batch) for image models.")),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
-                             **advanced(io.Int.Input, "Advanced: seed of the random cut positions (one per overlap "
-                                                      "and step; the same seed gives the same cuts).")),
+                advanced(io.Combo.Input("frame_axis", options=list(FRAME_AXES), default="auto",
+                                        tooltip="Where the frames are. auto reads it from the model: 2 for video "
+                                                "latents [B, C, T, H, W], 0 (the batch) for image models.")),
+                advanced(io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
+                                      tooltip="Seed of the random cut positions (one per overlap and step; the same "
+                                              "seed gives the same cuts).")),
             ],
             outputs=[io.Model.Output(tooltip="The model, sampling long latents chunk by chunk with randomized "
                                              "blending. Connect it to KSampler.")],

@@ -1,14 +1,13 @@
 """Positions in a source that outlive a prompt (StreamV2VNextFrame): a bounded registry of open cursors."""
 from __future__ import annotations
 
-import collections
 import logging
-import threading
 
 import torch
 
 from ..streamv2v_core.media.frames import select_frames, selected_count
 from ..streamv2v_core.media.video_io import shortfall
+from ..streamv2v_core.registry import Registry
 from .loop_sources import FramePick, SourceChoice
 
 log = logging.getLogger("streamv2v")
@@ -43,36 +42,29 @@ class FrameCursor:
 
 
 class CursorRegistry:
-    """Named frame cursors that outlive a prompt, at most ``limit``; ``reset()`` closes and forgets them."""
+    """Named frame cursors that outlive a prompt, at most ``limit`` (a ``registry.Registry``: the least
+    recently used is closed first); ``reset()`` closes and forgets them."""
 
-    def __init__(self, limit: int = MAX_CURSORS):
-        self._cursors: collections.OrderedDict[str, FrameCursor] = collections.OrderedDict()
-        self.lock = threading.RLock()
+    def __init__(self, limit: int = MAX_CURSORS, register: bool = False):
+        self._cursors: Registry[FrameCursor] = Registry("frame cursor", limit, "lru", close=FrameCursor.close,
+                                                        register=register)
+        self.lock = self._cursors.lock
         self.limit = limit
 
     def get(self, name: str) -> FrameCursor | None:
-        with self.lock:
-            cursor = self._cursors.get(name)
-            if cursor is not None:
-                self._cursors.move_to_end(name)
-            return cursor
+        return self._cursors.get(name)
 
     def put(self, name: str, cursor: FrameCursor) -> None:
-        with self.lock:
-            self.reset(name)
-            while len(self._cursors) >= self.limit:
-                self._cursors.popitem(last=False)[1].close()
-            self._cursors[name] = cursor
+        self._cursors.put(name, cursor)
 
     def reset(self, name: str | None = None) -> None:
-        with self.lock:
-            for key in ([name] if name is not None else list(self._cursors)):
-                cursor = self._cursors.pop(key, None)
-                if cursor is not None:
-                    cursor.close()
+        if name is None:
+            self._cursors.clear_all()
+        else:
+            self._cursors.remove(name)
 
     def __len__(self) -> int:
         return len(self._cursors)
 
 
-CURSORS = CursorRegistry()
+CURSORS = CursorRegistry(register=True)

@@ -14,6 +14,7 @@ import os
 
 import folder_paths
 
+from ..streamv2v_core.file_rules import real_inside
 from ..streamv2v_core.media.video_io import IMAGE_EXTENSIONS
 
 NO_FILE = ("no file chosen: pick a video (or a folder of images) from ComfyUI's input folder, upload one with the "
@@ -28,14 +29,18 @@ def input_choices() -> list[str]:
         entries = sorted(os.listdir(root))
     except OSError:
         return [""]
+    # Links that leave the input folder are not offered: they would be refused when read.
+    entries = [e for e in entries if real_inside(root, os.path.join(root, e))]
     files = [e for e in entries if os.path.isfile(os.path.join(root, e))]
-    folders = [f"{e}/" for e in entries if not e.startswith(".") and _holds_images(os.path.join(root, e))]
+    folders = [f"{e}/" for e in entries if not e.startswith(".") and _holds_images(os.path.join(root, e), root)]
     return ["", *folder_paths.filter_files_content_types(files, ["video"]), *folders]
 
 
-def _holds_images(path: str) -> bool:
+def _holds_images(path: str, root: str) -> bool:
+    """Whether ``path`` is a folder with at least one image that stays inside ``root``."""
     try:
-        return os.path.isdir(path) and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(path))
+        return os.path.isdir(path) and any(f.lower().endswith(IMAGE_EXTENSIONS) and
+                                           real_inside(root, os.path.join(path, f)) for f in os.listdir(path))
     except OSError:
         return False
 
@@ -58,18 +63,15 @@ def resolve_input(name: str) -> str:
     if "\x00" in relative or os.path.isabs(relative) or os.path.splitdrive(relative)[0]:
         raise ValueError(refusal)
     path = os.path.abspath(os.path.join(base, relative))
-    if not _within(base, path):
+    if not real_inside(base, path):
         raise ValueError(refusal)
     return path
 
 
-def _within(folder: str, path: str) -> bool:
-    """Whether ``path`` resolves (links followed) inside ``folder``."""
-    folder, path = os.path.realpath(folder), os.path.realpath(path)
-    try:
-        return os.path.commonpath((folder, path)) == folder
-    except ValueError:  # different drives (Windows)
-        return False
+def allowed_folder(name: str) -> str:
+    """The folder ``name`` may be read from (input, or the annotated output/temp folder): for checking
+    the files of an image folder one by one."""
+    return folder_paths.annotated_filepath(str(name).strip())[1] or folder_paths.get_input_directory()
 
 
 def check_input(name: str) -> str | None:

@@ -7,13 +7,14 @@ import os
 
 from comfy_api.latest import io, ui
 from comfy_execution.graph_utils import ExecutionBlocker
+from comfy_execution.utils import get_executing_context
 
 import comfy.model_management
 
-from ..streamv2v_core.live.session import SESSIONS, check_session_name
+from ..streamv2v_core.live.session import SESSIONS
 from ..streamv2v_core.media.frames import selected_count
 from ..streamv2v_core.media.video_io import shortfall
-from ..streamv2v_core.stream.prompt_schedule import parse_schedule
+from ..streamv2v_core.registry import Registry
 from .input_files import check_input, modified_time
 from .loop_conditioning import ConditioningChoice, LoopConditioning, conditioning_inputs
 from .loop_inputs import source_inputs
@@ -21,15 +22,18 @@ from .loop_sink import LoopSink, drops_text
 from .loop_sources import BROWSER, LIVE_SOURCES, VIDEO_FILE, FramePick, FrameStream, SourceChoice
 from .node_status import NodeStatus, node_id_of
 from .output_files import check_prefix
-from ._schema import CATEGORY, from_inputs, stream_inputs
-from .engine import StreamSettings, run_stream
+from ._schema import VIDEO_CATEGORY, from_inputs, guidance_inputs, stream_inputs
+from .engine import StreamSettings, run_stream, stream_of
 from .video_input import video_output
+from .wording import every_nth, plural
 
 log = logging.getLogger("streamv2v")
 
 DEFAULT_PREFIX = "StreamV2V/loop"
 OUTPUTS = 5
-_runs_cut_short = 0  # part of the file sources' fingerprint: a stopped or cancelled run is re-run when queued again
+# Runs cut short (stopped or cancelled), by the node and the inputs that name its output: part of that node's
+# fingerprint, so queueing it again re-runs it (its cached MP4 is incomplete) and no other loop node.
+_CUT_SHORT: Registry[int] = Registry("cut-short loop run", 256, "lru", register=False)
 
 
 class StreamV2VLoop(io.ComfyNode):
@@ -38,8 +42,8 @@ class StreamV2VLoop(io.ComfyNode):
         shared = stream_inputs()
         return io.Schema(
             node_id="StreamV2VLoop",
-            display_name="StreamV2V Loop (video / camera / webcam -> MP4)",
-            category=CATEGORY,
+            display_name="StreamV2V Loop",
+            category=VIDEO_CATEGORY,
             description="Pulls frames one by one from a video (a file in ComfyUI's input folder or a connected VIDEO), "
                         "an image folder, a camera or the browser's webcam, restyles each with the StreamV2V stream "
                         "engine (as StreamV2V Sampler) and writes it to an MP4 in the output folder as soon as it is "
@@ -68,7 +72,8 @@ class StreamV2VLoop(io.ComfyNode):
                                     tooltip="MP4 name in the output folder ('folder/name'); a new file each run, "
                                             "an existing one is never replaced."),
                     *shared[4:],
-                    *conditioning_inputs()],
+                    *conditioning_inputs(),
+                    *guidance_inputs()],
             outputs=[io.String.Output(display_name="video_path", tooltip="Absolute path of the MP4 written."),
                      io.Image.Output(display_name="last_frame", tooltip="The last restyled frame [1, H, W, 3]."),
                      io.Int.Output(display_name="frames", tooltip="Number of frames written."),
@@ -82,33 +87,30 @@ class StreamV2VLoop(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, source=VIDEO_FILE, file="", session="webcam", filename_prefix=DEFAULT_PREFIX,
-                        prompt_schedule=""):
-        try:
-            check_prefix(filename_prefix)
-            check_session_name(session)
-            parse_schedule(prompt_schedule or "")
-        except ValueError as error:
-            return str(error)
-        problem = check_input(file) if source not in LIVE_SOURCES else None
-        return problem or True
+    def validate_inputs(cls, file=""):
+        # ComfyUI reports a message on every input this function takes, so it takes only `file` (checked
+        # whatever the source: a name outside the input folder is never accepted). filename_prefix, session
+        # and prompt_schedule are checked first thing in execute, each naming itself.
+        return check_input(file) or True
 
     @classmethod
     def fingerprint_inputs(cls, source=VIDEO_FILE, file="", **kwargs):
         # Live sources give new frames every run; files re-run when they or the inputs change.
         if source in LIVE_SOURCES:
             return float("nan")
-        return f"{file}|{modified_time(file) if str(file).strip() else ''}|{_runs_cut_short}"
+        context = get_executing_context()
+        cut = _CUT_SHORT.find(_cut_key(context.node_id if context else None, source, file))
+        return f"{file}|{modified_time(file) if str(file).strip() else ''}|{cut or 0}"
 
     @classmethod
     def execute(cls, model, positive, negative, vae, video=None, clip=None, hint_video=None,
                 **inputs) -> io.NodeOutput:
+        prefix = check_prefix(inputs.get("filename_prefix", DEFAULT_PREFIX))
+        session = SESSIONS.get(inputs.get("session", "webcam"))
         settings = from_inputs(StreamSettings, inputs)
         settings.check()
         pick = from_inputs(FramePick, inputs)
         origin = from_inputs(SourceChoice, inputs)
-        prefix = check_prefix(inputs.get("filename_prefix", DEFAULT_PREFIX))
-        session = SESSIONS.get(inputs.get("session", "webcam"))
         node_id = node_id_of(cls)
         sizer = pick.sizer()
         frame_conditioning = LoopConditioning(model, positive, clip, from_inputs(ConditioningChoice, inputs), session,
@@ -127,13 +129,19 @@ class StreamV2VLoop(io.ComfyNode):
             audio = reader.audio(pick.skip_first / float(reader.fps)) if reader.fps else None
             sink = LoopSink(prefix, rate, audio, status, session if live else None)
             stream = FrameStream(reader, pick, sizer, session, sink.stamps)
-            interrupted = _run(model, positive, negative, vae, stream, settings, sink, origin,
-                               f"StreamV2VLoop {node_id}" if node_id is not None else None, frame_conditioning)
+            key = f"StreamV2VLoop {node_id}" if node_id is not None else None
+            start = _skips(model, key)
+            interrupted = _run(model, positive, negative, vae, stream, settings, sink, origin, key,
+                               frame_conditioning)
+            reused = _reused_since(model, key, start)
         finally:
             session.finish()
             reader.close()
             frame_conditioning.close()
-        return _outputs(sink, stream, reader, pick, interrupted, frame_conditioning.report())
+        if interrupted or stream.stopped:
+            cut = _cut_key(node_id, inputs.get("source", VIDEO_FILE), inputs.get("file", ""))
+            _CUT_SHORT.put(cut, (_CUT_SHORT.find(cut) or 0) + 1)
+        return _outputs(sink, stream, reader, pick, interrupted, frame_conditioning.report(), reused)
 
 
 def _run(model, positive, negative, vae, stream, settings, sink, origin, stream_key, frame_conditioning) -> bool:
@@ -148,8 +156,9 @@ def _run(model, positive, negative, vae, stream, settings, sink, origin, stream_
             if first is None:
                 if stream.stopped:
                     return False
-                raise ValueError(f"no frames left from the {origin.source} after skipping {stream.pick.skip_first} "
-                                 f"(every {stream.pick.every_nth}th kept)")
+                raise ValueError(f"no frames left from the {origin.source} after skipping "
+                                 f"{plural(stream.pick.skip_first, 'frame')} ({every_nth(stream.pick.every_nth)} "
+                                 f"kept): lower skip_first")
             run_stream(model, positive, negative, vae, itertools.chain([first], frames), settings,
                        frame_conditioning.watch(sink.put), stream_key=stream_key, who="StreamV2V Loop",
                        conditioning=frame_conditioning)
@@ -162,9 +171,34 @@ def _run(model, positive, negative, vae, stream, settings, sink, origin, stream_
     return False
 
 
+def _cut_key(node_id, source, file) -> str:
+    """Names one loop node's run: its id and the widget values that choose its source (what its
+    fingerprint sees; other inputs are in ComfyUI's own cache key)."""
+    return repr((node_id, source, file))
+
+
+def _filter_of(model, stream_key):
+    """The similarity filter of the stream this loop runs (on its bank, or kept under ``stream_key``)."""
+    return getattr(stream_of(model, stream_key), "filter", None)
+
+
+def _skips(model, stream_key) -> tuple:
+    """(the stream's filter before a run, its skip count then)."""
+    before = _filter_of(model, stream_key)
+    return before, (before.skips if before is not None else 0)
+
+
+def _reused_since(model, stream_key, start: tuple) -> int:
+    """Frames the similarity filter skipped since ``start`` (a fresh stream has a new filter)."""
+    before, count = start
+    after = _filter_of(model, stream_key)
+    if after is None:
+        return 0
+    return after.skips - (count if after is before else 0)
+
+
 def _outputs(sink: LoopSink, stream: FrameStream, reader, pick: FramePick, interrupted: bool,
-             conditioning_notes: list[str]) -> io.NodeOutput:
-    global _runs_cut_short
+             conditioning_notes: list[str], reused: int = 0) -> io.NodeOutput:
     notes = []
     if interrupted:
         notes.append("cancelled: the MP4 keeps every frame written")
@@ -176,13 +210,14 @@ def _outputs(sink: LoopSink, stream: FrameStream, reader, pick: FramePick, inter
         if short:
             log.warning("StreamV2V loop: %s", short)
             notes.append(f"WARNING: {short}")
-    if interrupted or stream.stopped:
-        _runs_cut_short += 1
+    if reused:
+        notes.append(f"the similarity filter reused the previous output for {plural(reused, 'frame')}")
     notes += [t for t in (drops_text(sink.session), _skipped_text(reader), _rescaled_text(stream)) if t]
     notes += conditioning_notes
     if sink.frames:
         h, w = sink.size
-        head = f"wrote {sink.frames} frames ({w}x{h}) to {os.path.join(sink.output.subfolder, sink.output.filename)}"
+        written = os.path.join(sink.output.subfolder, sink.output.filename)
+        head = f"wrote {plural(sink.frames, 'frame')} ({w}x{h}) to {written}"
     else:
         head = "no frames written"
     report = "; ".join([head, *notes])
@@ -209,15 +244,15 @@ def _skipped_text(reader) -> str:
     skipped = getattr(reader, "skipped", None)
     if not skipped:
         return ""
-    names = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-    return f"skipped {len(skipped)} unreadable images ({names})"
+    names = "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
+    return f"skipped {plural(len(skipped), 'image')} that could not be used: {names}"
 
 
 def _rescaled_text(stream: FrameStream) -> str:
     sizer = stream.sizer
     if not sizer.rescaled:
         return ""
-    return f"{sizer.rescaled} frames of another size were scaled to {sizer.size[1]}x{sizer.size[0]}"
+    return f"{plural(sizer.rescaled, 'frame')} of another size scaled to {sizer.size[1]}x{sizer.size[0]}"
 
 
 NODES = [StreamV2VLoop]

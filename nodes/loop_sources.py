@@ -13,7 +13,7 @@ import comfy.model_management
 from ..streamv2v_core.media.frames import FrameResizer, StreamSizer, select_frames
 from ..streamv2v_core.live.session import BrowserSession, live_frames
 from ..streamv2v_core.media.video_io import CameraSource, ImageFolderSource, VideoFileSource
-from .input_files import resolve_input
+from .input_files import allowed_folder, resolve_input
 from .node_status import NodeStatus
 from .video_input import open_video
 
@@ -67,7 +67,7 @@ class SourceChoice:
         if self.source == VIDEO_FILE:
             return VideoFileSource(resolve_input(self.file))
         if self.source == IMAGE_FOLDER:
-            return ImageFolderSource(resolve_input(self.file))
+            return ImageFolderSource(resolve_input(self.file), allowed=allowed_folder(self.file))
         if self.source == CAMERA:
             return CameraSource(self.camera_index)
         return BrowserSource(session, sizer, status)

@@ -33,7 +33,7 @@ from ..streamv2v_core.metrics import (
     scene_cut_frames,
     seam_stats,
 )
-from ._schema import CATEGORY, advanced
+from ._schema import METRICS_CATEGORY, advanced
 
 CLIP_BATCH = 16  # frames per CLIP vision call
 
@@ -97,7 +97,7 @@ class StreamV2VMetrics(io.ComfyNode):
         return io.Schema(
             node_id="StreamV2VMetrics",
             display_name="StreamV2V Temporal Consistency",
-            category=CATEGORY,
+            category=METRICS_CATEGORY,
             description="Measures how steady a restyled video is: warp error, optical-flow score, MAWE, scene "
                         "cuts and (with a CLIP vision model) CLIP frame consistency, plus a per-frame plot. "
                         "Flow is OpenCV DIS (the papers used RAFT), so numbers compare with each other, "
@@ -111,18 +111,19 @@ class StreamV2VMetrics(io.ComfyNode):
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="A CLIP vision model (Load CLIP Vision) for CLIP frame consistency; "
                                             "left out, that output is NaN."),
-                io.Int.Input("flow_size", default=0, min=0, max=4096, step=8, optional=True,
-                             tooltip="Advanced: resize both videos to this square size before measuring flow "
-                                     "metrics (StreamingT2V used 720). 0 keeps the frames' own size."),
+                advanced(io.Int.Input("flow_size", default=0, min=0, max=4096, step=8, optional=True,
+                                      tooltip="Resize both videos to this square size before measuring flow "
+                                              "metrics (StreamingT2V used 720); 16 or more. 0 keeps the frames' "
+                                              "own size.")),
                 io.Int.Input("chunk_length", default=0, min=0, max=16384, optional=True,
                              tooltip="The chunk length the video was sampled with (StreamV2V Long-Video Chunks), "
                                      "to measure the chunk seams on their own. 0: whole video only."),
                 io.Int.Input("chunk_overlap", default=8, min=0, max=16383, optional=True,
                              tooltip="The overlap the video was sampled with (same units as chunk_length)."),
-                io.Int.Input("frames_per_latent", default=1, min=1, max=64, optional=True,
-                             **advanced(io.Int.Input, "Advanced: video frames per latent frame when the chunks "
-                                                      "counted latent frames: 1 for image models, 4 for Wan "
-                                                      "2.1/2.2 and HunyuanVideo, 8 for LTX-Video.")),
+                advanced(io.Int.Input("frames_per_latent", default=1, min=1, max=64, optional=True,
+                                      tooltip="Video frames per latent frame when the chunks counted latent "
+                                              "frames: 1 for image models, 4 for Wan 2.1/2.2 and HunyuanVideo, "
+                                              "8 for LTX-Video.")),
             ],
             outputs=[
                 io.Float.Output(display_name="warp_error",

@@ -10,7 +10,8 @@ from .frame_cursors import CURSORS, FrameCursor
 from .input_files import check_input
 from .loop_inputs import source_inputs
 from .loop_sources import FILE_SOURCES, FramePick, SourceChoice
-from ._schema import CATEGORY, from_inputs
+from ._schema import VIDEO_CATEGORY, from_inputs
+from .wording import every_nth, plural
 
 log = logging.getLogger("streamv2v")
 
@@ -20,13 +21,13 @@ class StreamV2VNextFrame(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StreamV2VNextFrame",
-            display_name="StreamV2V Next Frame (per queue)",
-            category=CATEGORY,
+            display_name="StreamV2V Next Frame",
+            category=VIDEO_CATEGORY,
             description="Gives the next frame (or the next `count` frames) of a video or image folder every time the "
                         "prompt runs: for Auto Queue, which then restyles a long video one chunk per run with our "
                         "nodes alone. The position is kept between prompts under the cursor name; a FeatureBank with "
                         "a fixed name keeps the bank too. (comfystream only accepts graphs whose frame input is "
-                        "LoadImage/LoadTensor: use example_workflows/streamv2v_comfystream_api.json there.)",
+                        "LoadImage/LoadTensor: use workflows/api/streamv2v_comfystream_api.json there.)",
             inputs=[*source_inputs(FILE_SOURCES),
                     io.String.Input("cursor", default="default",
                                     tooltip="Name of the position kept between prompts; nodes with the same "
@@ -74,9 +75,14 @@ class StreamV2VNextFrame(io.ComfyNode):
             first = current.index
             frames = _take(current, count)
             if not frames:
-                if at_end == "stop" or current.index == 0:
-                    raise ValueError(f"StreamV2V cursor {name!r}: end of the source after {current.index} frames "
-                                     f"(set at_end to 'loop' or reset to start again)")
+                if current.index == 0:
+                    raise ValueError(f"StreamV2V cursor {name!r}: no frames left after skipping "
+                                     f"{plural(pick.skip_first, 'frame')} ({every_nth(pick.every_nth)} kept): "
+                                     f"lower skip_first")
+                if at_end == "stop":
+                    raise ValueError(f"StreamV2V cursor {name!r}: end of the source after "
+                                     f"{plural(current.index, 'frame')} (set at_end to 'loop', or reset to start "
+                                     f"again)")
                 log.info("StreamV2V cursor %r: end of the source, looping to the first frame", name)
                 current = _restart(name, key, origin, pick)
                 first, frames = 0, _take(current, count)

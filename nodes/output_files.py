@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import re
+import time
 from dataclasses import dataclass
 
 import folder_paths
@@ -17,9 +19,29 @@ class OutputFile:
     subfolder: str  # inside the output folder, "" for none
 
 
+DATE = re.compile(r"%date:([^%]*)%")
+DATE_FIELDS = re.compile(r"yyyy|yy|MM|M|dd|d|hh|h|mm|m|ss|s")
+
+
+def expand_date(prefix: str, now: time.struct_time | None = None) -> str:
+    """``%date:yyyy-MM-dd%`` (and hh, mm, ss; yy, M, d, h, m, s unpadded) replaced by the time ``now``.
+
+    ComfyUI's frontend expands these only for core save nodes, before queueing; core SaveImage then
+    also fills ``%year%`` .. ``%second%`` (``folder_paths.get_save_image_path``, which this pack calls
+    too). Expanded here, so the same prefix works in this node and through the API.
+    """
+    now = now or time.localtime()
+    values = {"yyyy": f"{now.tm_year:04}", "yy": f"{now.tm_year % 100:02}", "MM": f"{now.tm_mon:02}",
+              "M": str(now.tm_mon), "dd": f"{now.tm_mday:02}", "d": str(now.tm_mday), "hh": f"{now.tm_hour:02}",
+              "h": str(now.tm_hour), "mm": f"{now.tm_min:02}", "m": str(now.tm_min), "ss": f"{now.tm_sec:02}",
+              "s": str(now.tm_sec)}
+    return DATE.sub(lambda found: DATE_FIELDS.sub(lambda f: values[f.group(0)], found.group(1)), str(prefix))
+
+
 def check_prefix(prefix: str) -> str:
-    """``prefix`` if it can name a file in ComfyUI's output folder; ValueError saying what to change."""
-    prefix = str(prefix)
+    """``prefix`` (with ``%date:...%`` expanded) if it can name a file in ComfyUI's output folder;
+    ValueError saying what to change."""
+    prefix = expand_date(prefix)
     shown = repr(prefix if len(prefix) <= 60 else prefix[:60] + "...")
     if not prefix.strip():
         raise ValueError("filename_prefix is empty: give the MP4 a name, e.g. 'StreamV2V/loop' "

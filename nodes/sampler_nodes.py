@@ -8,7 +8,7 @@ import comfy.utils
 
 from .node_status import node_id_of
 from .previews import PREVIEW_INTERVAL_S, Throttle, preview_of
-from ._schema import CATEGORY, from_inputs, stream_inputs
+from ._schema import SAMPLING_CATEGORY, from_inputs, guidance_inputs, stream_inputs
 from .engine import StreamSettings, run_stream
 
 
@@ -18,12 +18,13 @@ class StreamV2VSampler(io.ComfyNode):
         return io.Schema(
             node_id="StreamV2VSampler",
             display_name="StreamV2V Sampler",
-            category=CATEGORY,
+            category=SAMPLING_CATEGORY,
             description="Restyles frames in order with SDEdit + LCM and StreamDiffusion's stream batch. "
                         "Output frame i belongs to input frame i.",
             inputs=[*stream_inputs()[:4],
                     io.Image.Input("images", tooltip="The video frames, in order (an IMAGE batch)."),
-                    *stream_inputs()[4:]],
+                    *stream_inputs()[4:],
+                    *guidance_inputs()],
             outputs=[io.Image.Output(display_name="images", tooltip="The restyled frames, same count and order.")],
             hidden=[io.Hidden.unique_id],
         )

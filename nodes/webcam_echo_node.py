@@ -7,7 +7,7 @@ from ..streamv2v_core.live.session import SESSIONS, check_session_name
 from .loop_sink import LoopSink, drops_text
 from .loop_sources import BrowserSource, FramePick, FrameStream
 from .node_status import NodeStatus, node_id_of
-from ._schema import CATEGORY
+from ._schema import VIDEO_CATEGORY
 
 
 class StreamV2VWebcamEcho(io.ComfyNode):
@@ -15,8 +15,8 @@ class StreamV2VWebcamEcho(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StreamV2VWebcamEcho",
-            display_name="StreamV2V Webcam Echo (link test, no model)",
-            category=CATEGORY,
+            display_name="StreamV2V Webcam Echo",
+            category=VIDEO_CATEGORY,
             description="Sends the browser webcam's frames straight back, through the same session, link and "
                         "preview as the loop node but without a model, so the node shows the link's own frame rate "
                         "and capture-to-display latency. Press 'Start webcam', queue, and Stop to end. Use it to "

@@ -303,7 +303,7 @@ def test_clear_errors(comfy_server):
 
 def test_schema_has_tooltips_and_the_papers_defaults(comfy_server):
     info = comfy_server.object_info("RandomizedBlendContext")["RandomizedBlendContext"]
-    assert info["display_name"] == "StreamV2V Long-Video Chunks (randomized blending)"
+    assert info["display_name"] == "StreamV2V Long-Video Chunks"
     inputs = info["input"]["required"]
     assert inputs["chunk_length"][1]["default"] == 24 and inputs["overlap"][1]["default"] == 8
     assert inputs["frame_axis"][1]["default"] == "auto"

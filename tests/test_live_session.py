@@ -91,3 +91,19 @@ def test_registry_is_bounded_and_checks_names():
         with pytest.raises(ValueError, match="is not allowed: use 1 to 64 letters"):
             registry.get(name)
     assert check_session_name("webcam-2.a_b") == "webcam-2.a_b"
+
+
+def test_a_png_bomb_posted_to_the_webcam_is_counted_too_large():
+    """Its header promises 60000x60000: PIL refuses it as a decompression bomb, which is "too large"."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(180001)))
+            + chunk(b"IEND", b""))
+    with pytest.raises(BadFrame) as bad:
+        decode_frame(bomb)
+    assert bad.value.reason == "too large"

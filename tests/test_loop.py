@@ -178,8 +178,8 @@ def test_bad_input_fails_before_work(parts, comfy_dirs, tmp_path):
     assert not list(out.rglob("*")), "bad input left a file behind"
     problems = {name: StreamV2VLoop.validate_inputs(file=name) for name in ("../outside.mp4", "gone.mp4")}
     assert outside in problems["../outside.mp4"] and "not in ComfyUI's input folder" in problems["gone.mp4"]
-    assert "filename_prefix is empty" in StreamV2VLoop.validate_inputs(filename_prefix=" ")
-    assert StreamV2VLoop.validate_inputs(source="browser webcam", file="../x") is True  # live: file unused
+    assert outside in StreamV2VLoop.validate_inputs(file="../x")  # refused whatever the source
+    assert StreamV2VLoop.validate_inputs(file="") is True
 
 
 def test_new_runs_never_overwrite_earlier_output(parts, comfy_dirs):
@@ -220,8 +220,8 @@ def test_image_folder_skips_unreadable_images_and_scales_odd_sizes(parts, comfy_
         path, _, count, _, report = run_loop(parts, source="image folder", file="frames/", fps=8).args
     frames, rate, _, _ = read_back(path)
     assert count == 6 and frames.shape == (6, 64, 64, 3) and rate == 8
-    assert "skipped 1 unreadable images (002b.png)" in report and "WARNING" not in report
-    assert "3 frames of another size were scaled to 64x64" in report
+    assert "skipped 1 image that could not be used: 002b.png (" in report and "WARNING" not in report
+    assert "3 frames of another size scaled to 64x64" in report
     assert "frame size changed" not in caplog.text  # one stream, one size: the bank goes on through the run
     assert parts[1].bank.status()["frames_seen"] == 6  # bank_start "fresh": this run's six frames
 
@@ -250,3 +250,25 @@ def test_next_frame_cursor_advances_batches_loops_and_resets(comfy_dirs):
         StreamV2VNextFrame.execute(**{**args, "file": "gone.mp4"})
     with pytest.raises(ValueError, match="outside ComfyUI's input folder"):
         StreamV2VNextFrame.execute(**{**args, "file": "/etc/hostname"})
+
+
+def test_the_report_counts_the_frames_the_similarity_filter_skipped(parts, comfy_dirs):
+    inp, _ = comfy_dirs
+    folder = inp / "still"
+    folder.mkdir()
+    from PIL import Image
+    still = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    for i in range(5):
+        Image.fromarray(still).save(folder / f"{i:03}.png")
+    _, _, count, _, report = run_loop(parts, source="image folder", file="still/", similarity_filter=True,
+                                      similarity_threshold=0.5).args
+    assert count == 5 and "the similarity filter reused the previous output for 4 frames" in report
+
+
+def test_next_frame_past_the_end_says_to_lower_skip_first(comfy_dirs):
+    inp, _ = comfy_dirs
+    make_clip(inp / "short.mp4", frames=3, fps=10, tone=False)
+    with pytest.raises(ValueError, match=r"no frames left after skipping 100 frames \(every frame kept\): lower "
+                                         r"skip_first") as raised:
+        StreamV2VNextFrame.execute(source="video file", file="short.mp4", skip_first=100, cursor="past", at_end="loop")
+    assert "at_end" not in str(raised.value)

@@ -188,10 +188,11 @@ def test_similarity_filter_reuses_output_of_still_frames(parts):
     model, handle = patched(parts, "still")
     out = run(parts, still, model=model, similarity_filter=True, similarity_threshold=0.5, max_skips=3)
     assert out.shape == still.shape
-    # Identical frames are always skipped, at most 3 in a row: frames 0 and 4 are processed.
+    # Identical frames are always skipped; more than max_skips = 3 in a row forces one through
+    # (StreamDiffusion's skip_count > max_skip_frame): frames 0 and 5 are processed.
     assert handle.bank.frames_seen == 2
-    assert all(torch.equal(out[i], out[0]) for i in (1, 2, 3))
-    assert all(torch.equal(out[i], out[4]) for i in (5, 6, 7))
+    assert all(torch.equal(out[i], out[0]) for i in (1, 2, 3, 4))
+    assert all(torch.equal(out[i], out[5]) for i in (6, 7))
 
 
 def test_strength_is_continuous_and_high_strength_keeps_the_video(parts):

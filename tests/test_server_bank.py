@@ -22,7 +22,7 @@ from host.comfy038 import ENV as EMULATE_038
 from host.server import ComfyServer, PromptRejected
 
 PACK_NODES = ["FeatureBank", "ExtendedAttentionPatch", "FeatureFusionPatch", "StreamV2VSampler"]
-API_DIR = pathlib.Path(__file__).resolve().parent.parent / "example_workflows" / "api"
+API_DIR = pathlib.Path(__file__).resolve().parent.parent / "workflows" / "api"
 
 
 def bank_prompt(bank_name="srv", seed=0, size=64, model_seed=0, alpha=0.75, prefix="bank", ff=True,

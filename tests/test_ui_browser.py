@@ -18,7 +18,7 @@ from host.browser import SKIP_REASON, Chromium, available
 from host.workflows import TINY_SWAPS, missing_nodes, to_api
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 UPDATE = bool(os.environ.get("STREAMV2V_UPDATE_SCREENSHOTS"))
 WINDOW = (1920, 1080)
 

@@ -1,4 +1,4 @@
-"""Every example workflow in example_workflows/ runs in the real ComfyUI server and produces its outputs.
+"""Every example workflow in workflows/ runs in the real ComfyUI server and produces its outputs.
 
 Each UI-format file is converted to an API prompt (tests/host/workflows.py) with the model loaders
 (CheckpointLoaderSimple, LoraLoaderModelOnly, VAELoader) swapped for the tests' tiny random-weight
@@ -20,7 +20,7 @@ import pytest
 from host.clips import make_clip
 from host.workflows import TINY_SWAPS, missing_nodes, output_nodes, to_api
 
-WORKFLOWS = sorted((pathlib.Path(__file__).resolve().parent.parent / "example_workflows").glob("*.json"))
+WORKFLOWS = sorted((pathlib.Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
 CLIP, FRAMES, SIZE, FPS = "streamv2v_workflow_test.mp4", 6, 64, 6
 OVERRIDES = {
     "LoadVideo": {"file": CLIP},

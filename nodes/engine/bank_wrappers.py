@@ -8,8 +8,10 @@ shared between clones by every ComfyUI version, so they hold nothing but the ban
   from the stream engine (``PLAN_KEY``, plain ints); for a plain sampler they are read from
   the call's sigmas (one small device-to-host read per call).
 * ``FrameCounter`` (OUTER_SAMPLE) makes one plain sampling run one frame: before the run it
-  clears the bank if what its features came from changed (with a readable reason), after
-  it (finished or cancelled) the frame count advances. Runs of the stream engine number
+  clears the bank if what its features came from changed (with a readable reason); during it
+  the calls stage their writes (``FrameWrites``: a two-call sampler such as heun evaluates step
+  i's second call at step i+1's sigma, and must not read that back in its next call); after it
+  (finished or cancelled) the writes land and the frame count advances. Runs of the stream engine number
   their frames themselves and pass through.
 """
 from __future__ import annotations
@@ -19,11 +21,12 @@ import torch
 import comfy.patcher_extension
 
 from ...streamv2v_core.bank.storage import BankHandle, FeatureBank
-from ...streamv2v_core.bank.calls import CALLS_KEY, PLAN_KEY, BankCall, RowPlan
+from ...streamv2v_core.bank.calls import CALLS_KEY, PLAN_KEY, BankCall, FrameWrites, RowPlan
 from ...streamv2v_core.bank.patches import STREAM_KEY, step_of
 from .signatures import sampler_signature
 
 RUN_BANKS_KEY = "streamv2v_banks"  # transformer_options: {bank name: FeatureBank} resolved once per run
+FRAME_WRITES_KEY = "streamv2v_frame_writes"  # transformer_options: {bank name: FrameWrites} of a plain run
 WRAPPER_KEY = "streamv2v.bank.{}"
 
 
@@ -61,8 +64,12 @@ class BankCallWrapper:
 
     def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         bank = run_bank(transformer_options, self.handle)
-        plan = transformer_options.get(PLAN_KEY) or sampler_plan(bank, transformer_options, t, x.shape[0])
-        call = BankCall(bank, plan, transformer_options.get("cond_or_uncond"), x.shape[0])
+        plan = transformer_options.get(PLAN_KEY)
+        frame = None
+        if plan is None:  # a plain sampler: its frame's writes wait for the end of the run (FrameCounter)
+            plan = sampler_plan(bank, transformer_options, t, x.shape[0])
+            frame = (transformer_options.get(FRAME_WRITES_KEY) or {}).get(self.handle.name)
+        call = BankCall(bank, plan, transformer_options.get("cond_or_uncond"), x.shape[0], frame)
         calls = {**(transformer_options.get(CALLS_KEY) or {}), self.handle.name: call}
         out = executor(x, t, c_concat, c_crossattn, control, {**transformer_options, CALLS_KEY: calls}, **kwargs)
         call.flush()
@@ -99,12 +106,18 @@ class FrameCounter:
         options = guider.model_options.get("transformer_options", {})
         if options.get(STREAM_KEY):
             return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-        bank = self.handle.bank
+        bank = self.handle.open()  # this run applies its settings (a changed one clears the bank)
         bank.check_signature(sampler_signature(guider, latent_image, sigmas))
-        # This run's bank object, for the per-call wrapper (rebinds the run's own options copy).
+        # This run's bank object and its frame's staged writes, for the per-call wrapper (rebinds the
+        # run's own options copy).
+        frame = FrameWrites(bank)
         banks = {**(options.get(RUN_BANKS_KEY) or {}), self.handle.name: bank}
-        guider.model_options = {**guider.model_options, "transformer_options": {**options, RUN_BANKS_KEY: banks}}
+        frames = {**(options.get(FRAME_WRITES_KEY) or {}), self.handle.name: frame}
+        guider.model_options = {**guider.model_options, "transformer_options": {
+            **options, RUN_BANKS_KEY: banks, FRAME_WRITES_KEY: frames}}
         try:
             return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:
-            bank.end_frame()  # a cancelled run counts too: the steps it reached are in the bank
+            # After the frame's last model call (a cancelled run counts too: the steps it reached).
+            frame.commit()
+            bank.end_frame()

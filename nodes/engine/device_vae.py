@@ -27,12 +27,19 @@ def attach(model, vae) -> None:
 
 
 def vae_downscale(vae) -> int:
-    """Pixels per latent cell (8 for SD1.5/SDXL VAEs and TAESD)."""
-    try:
-        ratio = vae.spacial_compression_encode()
-        return int(ratio) if isinstance(ratio, (int, float)) else 8
-    except Exception:  # an older or unusual VAE object: the SD value
+    """Pixels per latent cell (8 for SD1.5/SDXL VAEs and TAESD).
+
+    Only a VAE object without ``spacial_compression_encode`` (older ComfyUI) is taken to be SD's 8;
+    an error inside it is not hidden, and a ratio that is no whole number is refused by name.
+    """
+    method = getattr(vae, "spacial_compression_encode", None)
+    if method is None:
         return 8
+    ratio = method()
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 1 or int(ratio) != ratio:
+        raise ValueError(f"the VAE reports {ratio!r} pixels per latent cell; StreamV2V needs a whole number (an "
+                         f"image VAE such as SD1.5's, SDXL's or TAESD): connect one of those")
+    return int(ratio)
 
 
 class DeviceCodec:

@@ -5,10 +5,39 @@ with a readable reason ("strength changed 0.4 -> 0.5") when one differs.
 """
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .settings import StreamSettings
+
+
+class SameObject:
+    """Identity of an object for a signature, without keeping it alive and without ``id()``.
+
+    Python reuses the id of a freed object, so a checkpoint loaded again could take its
+    predecessor's id and look unchanged; a weak reference instead compares equal only while
+    both sides refer to the same living object (a freed one never equals anything).
+    """
+
+    __slots__ = ("_ref", "_hash")
+
+    def __init__(self, obj):
+        try:
+            self._ref = weakref.ref(obj)
+        except TypeError:  # no weak references (e.g. a tuple): hold it (small; signatures are short-lived)
+            self._ref = lambda obj=obj: obj
+        self._hash = id(obj)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, SameObject):
+            return NotImplemented
+        mine = self._ref()
+        return mine is not None and mine is other._ref()
+
+    def __hash__(self) -> int:
+        return self._hash
+
 
 def model_parts(model_patcher) -> dict:
     """Signature parts of the model itself: ``{name: (comparable, shown)}`` (shown None = not shown)."""
@@ -18,11 +47,12 @@ def model_parts(model_patcher) -> dict:
             strength, patch = entry[0], entry[1]
             weights = getattr(patch, "weights", patch)
             first = weights[0] if isinstance(weights, (tuple, list)) and weights else weights
-            sources.add((key, id(first)))
+            sources.add((key, SameObject(first)))
             strengths.add(round(float(strength), 4))
     shown = ", ".join(f"{s:g}" for s in sorted(strengths)) if strengths else "none"
     return {
-        "model (checkpoint or model loader)": ((id(model_patcher.model), type(model_patcher.model).__name__), None),
+        "model (checkpoint or model loader)": ((SameObject(model_patcher.model), type(model_patcher.model).__name__),
+                                               None),
         "LoRA or weight patches": (frozenset(sources), f"{len(sources)} patched weights" if sources else "none"),
         # Reported when it is the only LoRA change (a LoRA added or removed changes it too).
         "LoRA strength": (shown, shown, "detail"),

@@ -8,15 +8,14 @@ used again.
 """
 from __future__ import annotations
 
-import collections
 import logging
-import threading
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from ...streamv2v_core.bank.storage import FeatureBank, describe_changes
+from ...streamv2v_core.registry import Registry
 from ...streamv2v_core.stream.loop import LoopState
 from .settings import FRESH, StreamSettings
 
@@ -46,46 +45,39 @@ class Schedule:
         return self.sampling() is sampling and (self.steps, self.strength) == (settings.steps, settings.strength)
 
 
-class _Streams:
-    """Stream states by key ("bank NAME", or the running node without a bank); the least recently used go first."""
-
-    LIMIT = 64
-
-    def __init__(self):
-        self._states: collections.OrderedDict[str, StreamState] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> StreamState | None:
-        with self._lock:
-            state = self._states.get(key)
-            if state is not None:
-                self._states.move_to_end(key)
-            return state
-
-    def put(self, key: str, state: StreamState) -> None:
-        with self._lock:
-            self._states[key] = state
-            self._states.move_to_end(key)
-            while len(self._states) > self.LIMIT:
-                self._states.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._states.clear()
+# Stream states by key ("bank NAME", or the running node without a bank); least recently used go first.
+STREAMS: Registry[StreamState] = Registry("stream state", 64, "lru")
 
 
-STREAMS = _Streams()
-
-
-def banks_of(model) -> list[FeatureBank]:
-    """The feature banks the model's StreamV2V patches use, by name."""
+def bank_handles(model) -> dict:
+    """``{bank name: handle}`` of the model's StreamV2V patches (no bank is opened)."""
     found = {}
     for patch_list in model.model_options.get("transformer_options", {}).get("patches", {}).values():
         for patch in patch_list:
             handle = getattr(patch, "handle", None)
             if handle is not None and hasattr(handle, "bank"):
-                found[handle.name] = handle.bank
-    return [found[name] for name in sorted(found)]
+                found[handle.name] = handle
+    return found
+
+
+def banks_of(model) -> list[FeatureBank]:
+    """The feature banks the model's StreamV2V patches use, by name, each opened with its handle's settings."""
+    handles = bank_handles(model)
+    return [handles[name].open() for name in sorted(handles)]
+
+
+def stream_of(model, node_key: str | None) -> StreamState | None:
+    """The stream state a run of ``model`` (by ``node_key`` when it has no bank) continues, if any."""
+    names = sorted(bank_handles(model))
+    key = f"bank {names[0]}" if names else node_key
+    return STREAMS.find(key) if key is not None else None
+
+
+def bank_status(bank: FeatureBank) -> dict:
+    """``bank.status()`` with the frames of the stream running on it counted as they go."""
+    state = STREAMS.find(f"bank {bank.name}")
+    running = state.next_frame if state is not None and state.bank_generation == bank.generation else 0
+    return bank.status(running)
 
 
 def open_stream(banks: list[FeatureBank], key: str | None, settings: StreamSettings, signature: dict,

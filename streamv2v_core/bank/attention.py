@@ -54,8 +54,8 @@ def feature_fusion(out: torch.Tensor, bank: torch.Tensor, alpha: float, threshol
     ``q = argmax cos(O_t(p), O_fb)``, except where that best similarity is below
     ``threshold``, where the token stays unchanged.
     """
-    if bank_unit is None:
-        bank_unit = unit(bank.float())
+    if bank_unit is None:  # decided in float32 at least, in float64 for float64 features
+        bank_unit = unit(bank.to(torch.promote_types(bank.dtype, torch.float32)))
     similarity = torch.bmm(unit(out.to(bank_unit.dtype)), bank_unit.transpose(1, 2))
     best, nearest = similarity.max(dim=-1)
     matched = torch.gather(bank, 1, nearest.unsqueeze(-1).expand(-1, -1, out.shape[-1])).to(out.dtype)

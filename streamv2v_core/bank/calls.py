@@ -64,17 +64,19 @@ class BankCall:
     """Per-model-call reads, staged writes and flush for one bank. See module doc.
 
     bank: the bank; plan: the driver's ``RowPlan``; flags: ``cond_or_uncond`` (one flag per
-    chunk); rows: the call's batch size (a multiple of ``len(flags)``).
+    chunk); rows: the call's batch size (a multiple of ``len(flags)``). frame: the ``FrameWrites``
+    of a frame that spans several calls of a plain sampler; ``flush()`` then hands the writes to
+    it instead of the bank, so no call of the frame reads what the frame itself wrote.
     """
 
-    def __init__(self, bank: FeatureBank, plan: RowPlan, flags, rows: int):
+    def __init__(self, bank: FeatureBank, plan: RowPlan, flags, rows: int, frame: "FrameWrites | None" = None):
         flags = [int(f) for f in (flags or [0])]
         per_chunk = rows // len(flags)
         if per_chunk * len(flags) != rows or len(plan.frames) != per_chunk or len(plan.steps) != per_chunk:
             raise ValueError(f"a plan for {len(plan.frames)} rows per chunk does not fit a call of {rows} rows "
                              f"in {len(flags)} chunks")
         slots = plan.slots or (0,) * per_chunk
-        self.bank = bank
+        self.bank, self.frame = bank, frame
         self.fusion_alpha = plan.fusion_alpha
         self.rows = [(flag, plan.steps[j], slots[j], plan.frames[j]) for flag in flags for j in range(per_chunk)]
         self.geometry = (max(flags) + 1, plan.total_steps, max(slots) + 1)
@@ -91,7 +93,8 @@ class BankCall:
         """Rows of this call that write ``name`` (update frames, each key once) as slices."""
         chosen, seen = [], set()
         for i, (flag, step, slot, frame) in enumerate(self.rows):
-            if (flag, step, slot) not in seen and self.bank.plans_write(name, flag, step, frame):
+            if ((flag, step, slot) not in seen and self.bank.plans_write(name, flag, step, frame)
+                    and (self.frame is None or self.frame.claim(name, flag, step, slot))):
                 seen.add((flag, step, slot))
                 chosen.append(i)
         slices = [slice(first, first + (count - 1) * stride + 1, stride)
@@ -190,10 +193,55 @@ class BankCall:
 
     # -- after the forward ---------------------------------------------------------------
     def flush(self) -> None:
-        """Write the staged rows into the bank ("n" first: "o" reuses its DyMe matchings)."""
-        matchings = None
-        for name in NAMES:
-            staged, (rows, writes) = self._staged[name], self._writes[name]
-            if staged and writes:
-                matchings = self.bank.commit(name, staged, rows, writes, self.geometry, matchings)
+        """Write the staged rows into the bank ("n" first: "o" reuses its DyMe matchings), or hand
+        them to the frame's ``FrameWrites`` to be written when the frame ends."""
+        pending = [(name, self._staged[name], *self._writes[name]) for name in NAMES]
         self._staged = {name: {} for name in NAMES}
+        if self.frame is not None:
+            self.frame.add(pending, self.geometry)
+        else:
+            commit_calls(self.bank, [(pending, self.geometry)])
+
+
+def commit_calls(bank: FeatureBank, calls: list) -> None:
+    """Write the staged rows of model calls into ``bank``, call by call, "n" before "o".
+
+    calls: ``[(pending, geometry)]``, pending = ``[(name, {layer: [R, T, C]}, row slices, KeyWrites)]``.
+    """
+    for pending, geometry in calls:
+        matchings = None
+        for name, staged, rows, writes in pending:
+            if staged and writes:
+                matchings = bank.commit(name, staged, rows, writes, geometry, matchings)
+
+
+class FrameWrites:
+    """The bank writes of one frame whose denoising spans several model calls (a plain sampler run).
+
+    A two-call sampler (heun, dpm_2, dpmpp_sde, ...) evaluates step i's second call at step i+1's
+    sigma: if that call wrote the bank, the frame's next call would attend to the frame itself.
+    So the calls of such a frame stage their writes here (each key by the first call that plans
+    it) and ``commit()`` writes them all once the frame's last call is done.
+    """
+
+    def __init__(self, bank: FeatureBank):
+        self.bank = bank
+        self._claimed: set[tuple] = set()
+        self._calls: list = []
+
+    def claim(self, name: str, flag: int, step: int, slot: int) -> bool:
+        """True the first time a call of this frame plans to write this key and slot."""
+        key = (name, flag, step, slot)
+        if key in self._claimed:
+            return False
+        self._claimed.add(key)
+        return True
+
+    def add(self, pending: list, geometry: tuple) -> None:
+        if any(staged and writes for _, staged, _, writes in pending):
+            self._calls.append((pending, geometry))
+
+    def commit(self) -> None:
+        """Write every staged call into the bank (once; later calls do nothing)."""
+        calls, self._calls = self._calls, []
+        commit_calls(self.bank, calls)

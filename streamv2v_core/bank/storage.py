@@ -29,6 +29,7 @@ import torch
 
 from ..seeds import generator
 from .merging import Matching, apply_matching, random_bipartite_matching
+from ..registry import Registry
 from .runs import arithmetic_runs
 
 log = logging.getLogger("streamv2v")
@@ -260,7 +261,10 @@ class FeatureBank:
         source, target = group.flat(), unit.flat()
         for first, count, stride in arithmetic_runs(keys):
             sl = slice(first, first + (count - 1) * stride + 1, stride)
-            target[:, sl] = torch.nn.functional.normalize(source[:, sl].float(), dim=-1).to(target.dtype)
+            # In float32 at least, in float64 for a float64 bank (FF's threshold is decided in this precision).
+            part = source[:, sl]
+            part = part.to(torch.promote_types(part.dtype, torch.float32))
+            target[:, sl] = torch.nn.functional.normalize(part, dim=-1).to(target.dtype)
 
     def _action(self, name: str, w: KeyWrite) -> tuple[int, str, int]:
         """(frames held, "append" | "ring" | "merge", ring position) for writing ``w``."""
@@ -336,14 +340,15 @@ class FeatureBank:
                     group.data = group.data.to(device)
         return self
 
-    def status(self) -> dict:
-        """A summary for logs and the UI."""
+    def status(self, running_frames: int = 0) -> dict:
+        """A summary for logs and the UI; ``running_frames``: the frames a stream running on this bank has
+        taken so far (ahead of ``frames_seen`` mid-run), so the count moves while it runs."""
         return {
             "name": self.name,
             "mode": self.config.mode,
             "size": self.config.size,
             "interval": self.config.interval,
-            "frames_seen": self.frames_seen,
+            "frames_seen": max(self.frames_seen, int(running_frames)),
             "entries": self.num_entries(),
             "bytes": self.nbytes(),
             "last_reset": self.last_reset_reason,
@@ -392,60 +397,94 @@ def _reused(reuse, layers, rows: int) -> Matching | None:
     return None
 
 
-class BankRegistry:
-    """Named banks that outlive one prompt execution; ``clear()`` / ``free()`` forget them."""
+MAX_BANKS = 64  # least recently used banks beyond this are dropped (their memory released)
+MAX_NAME = 200  # characters; the bank routes take the same names
+NAME_RULE = f"1 to {MAX_NAME} printable characters, no line breaks or other control characters"
 
-    def __init__(self):
-        self._banks: dict[str, FeatureBank] = {}
-        self._lock = threading.Lock()
+
+def check_bank_name(name: str) -> str:
+    """``name`` stripped, if it can name a bank; ValueError saying what is allowed otherwise.
+
+    Control characters are refused because names go into log lines (a newline would forge one)
+    and into URLs of the Clear / DELETE routes, which take at most ``MAX_NAME`` characters.
+    """
+    name = str(name).strip()
+    if not name or len(name) > MAX_NAME or any(not ch.isprintable() for ch in name):
+        shown = name if len(name) <= 40 else name[:40] + f"... ({len(name)} characters)"
+        raise ValueError(f"bank name {shown!r} is not allowed: use {NAME_RULE} (e.g. 'default')")
+    return name
+
+
+class BankRegistry:
+    """Named banks that outlive one prompt execution, at most ``limit`` (least recently used dropped).
+
+    Built on ``registry.Registry``; ``free()`` resets and forgets every bank.
+    """
+
+    def __init__(self, limit: int = MAX_BANKS, register: bool = False):
+        # A dropped bank is not reset: a stream still running on it keeps its object until it ends.
+        self._banks: Registry[FeatureBank] = Registry("feature bank", limit, "lru", register=register)
 
     def get(self, name: str, config: BankConfig | None = None) -> FeatureBank:
         """The bank called ``name``, created on first use; a new ``config`` resets it (with the reason)."""
-        with self._lock:
-            bank = self._banks.get(name)
-            if bank is None:
-                bank = self._banks[name] = FeatureBank(config or BankConfig(), name=name)
-            elif config is not None and config != bank.config:
+        with self._banks.lock:
+            bank = self._banks.get_or_create(name, lambda: FeatureBank(config or BankConfig(), name=name))
+            if config is not None and config != bank.config:
                 old, bank.config = bank.config, config
                 bank.reset(old.describe_change(config))
             return bank
 
+    def lookup(self, name: str, config: BankConfig) -> FeatureBank:
+        """The bank called ``name`` as it is, or a new one with ``config`` (never resets one)."""
+        return self._banks.get_or_create(name, lambda: FeatureBank(config, name=name))
+
     def find(self, name: str) -> FeatureBank | None:
         """The bank called ``name`` if it exists (never creates one)."""
-        return self._banks.get(name)
+        return self._banks.find(name)
 
     def remove(self, name: str) -> bool:
         """Forget the bank ``name`` (its memory is released once no running stream holds it)."""
-        with self._lock:
-            return self._banks.pop(name, None) is not None
+        return self._banks.remove(name)
 
     def free(self, reason: str) -> int:
         """Forget every bank, logging ``reason``; returns the bytes they held."""
-        with self._lock:
-            banks, self._banks = list(self._banks.values()), {}
+        with self._banks.lock:
+            banks = self._banks.values()
+            self._banks.clear_all()
         held = sum(b.nbytes() for b in banks)
         for bank in banks:
             bank.reset(reason)
         return held
 
     def clear(self) -> None:
-        with self._lock:
-            self._banks.clear()
+        self._banks.clear_all()
 
     def names(self) -> list[str]:
-        return sorted(self._banks)
+        return self._banks.names()
+
+    def __len__(self) -> int:
+        return len(self._banks)
 
 
-BANKS = BankRegistry()
+BANKS = BankRegistry(register=True)
 
 
 @dataclass(frozen=True)
 class BankHandle:
-    """A light reference to a registered bank (name and settings); safe to copy and to share."""
+    """A light reference to a registered bank (name and settings); safe to copy and to share.
+
+    Reading ``bank`` never changes the bank (two handles of one name with other settings do not
+    reset each other on access); ``open()``, called where a run starts, applies this handle's
+    settings (clearing the bank, with the reason, if they differ).
+    """
 
     name: str
     config: BankConfig
 
     @property
     def bank(self) -> FeatureBank:
+        return BANKS.lookup(self.name, self.config)
+
+    def open(self) -> FeatureBank:
+        """The bank, with this handle's settings applied (for the node that starts a run)."""
         return BANKS.get(self.name, self.config)

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from ..media.frames import to_tensor
+from ..registry import Registry
 from .params import LiveParams
 
 log = logging.getLogger("streamv2v")
@@ -76,7 +77,9 @@ def decode_frame(encoded: bytes, fit: tuple[int, int] | None = None) -> torch.Te
             rgb = np.array(image.convert("RGB"))  # a writable copy: torch shares its memory
     except BadFrame:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:  # PIL's own bound on the header's pixels came first
+        raise BadFrame("too large", str(error)) from None
+    except (OSError, ValueError, SyntaxError) as error:
         raise BadFrame("undecodable", f"{type(error).__name__}: {error}") from None
     return to_tensor(rgb)
 
@@ -238,45 +241,33 @@ def live_frames(session: BrowserSession, fit: Callable[[], tuple[int, int] | Non
 
 
 class SessionRegistry:
-    """Browser sessions by name, at most ``limit`` of them: creating one more forgets the least
-    recently used session that no loop runs. ``reset()`` stops and forgets them."""
+    """Browser sessions by name, at most ``limit`` of them (a ``registry.Registry``): creating one more
+    forgets the least recently used session that no loop runs; a forgotten session is stopped."""
 
-    def __init__(self, limit: int = MAX_SESSIONS):
-        self._sessions: collections.OrderedDict[str, BrowserSession] = collections.OrderedDict()
-        self._lock = threading.Lock()
+    def __init__(self, limit: int = MAX_SESSIONS, register: bool = False):
+        self._sessions: Registry[BrowserSession] = Registry(
+            "browser session", limit, "lru", close=BrowserSession.stop, busy=lambda s: s.running,
+            hint="Stop a running webcam loop first.", register=register)
         self.limit = limit
 
     def get(self, name: str) -> BrowserSession:
         """The session ``name`` (checked), created if needed (for the loop node)."""
         name = check_session_name(name)
-        with self._lock:
-            session = self._sessions.get(name)
-            if session is None:
-                self._evict()
-                session = self._sessions[name] = BrowserSession(name)
-            self._sessions.move_to_end(name)
-            return session
+        return self._sessions.get_or_create(name, lambda: BrowserSession(name))
 
     def find(self, name: str) -> BrowserSession | None:
         """The session ``name`` if one exists (for the web routes: they never create one)."""
-        with self._lock:
-            return self._sessions.get(name)
+        return self._sessions.find(name)
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def _evict(self) -> None:
-        idle = [n for n, s in self._sessions.items() if not s.running]  # oldest first
-        for name in idle[:max(0, len(self._sessions) - self.limit + 1)]:
-            self._sessions.pop(name).stop()
-
     def reset(self, name: str | None = None) -> None:
-        with self._lock:
-            names = [name] if name is not None else list(self._sessions)
-            for key in names:
-                session = self._sessions.pop(key, None)
-                if session is not None:
-                    session.stop()
+        """Stop and forget ``name`` (every session when None)."""
+        if name is None:
+            self._sessions.clear_all()
+        else:
+            self._sessions.remove(name)
 
 
-SESSIONS = SessionRegistry()
+SESSIONS = SessionRegistry(register=True)

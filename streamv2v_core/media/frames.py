@@ -14,6 +14,8 @@ from typing import Iterable, Iterator, TypeVar
 import numpy as np
 import torch
 
+from ..file_rules import MAX_STREAM_PIXELS
+
 log = logging.getLogger("streamv2v")
 Item = TypeVar("Item")
 
@@ -78,6 +80,9 @@ class FrameResizer:
             raise ValueError(f"width and height must be 0 (source size) or positive, got {width}x{height}")
         if (width and width < multiple) or (height and height < multiple):
             raise ValueError(f"target size {width}x{height} is too small: use at least {multiple} pixels")
+        if width * height > MAX_STREAM_PIXELS:
+            raise ValueError(f"width x height {width}x{height} is more than a stream runs at (at most "
+                             f"{MAX_STREAM_PIXELS / 1e6:.1f} megapixels, e.g. 2048x2048): lower width or height")
         self.width, self.height, self.mode, self.multiple = int(width), int(height), mode, multiple
 
     def target(self, height: int, width: int) -> tuple[int, int]:
@@ -134,6 +139,10 @@ class StreamSizer:
         frame = self.resizer(frame)
         size = tuple(frame.shape[:2])
         if self.size is None:
+            if size[0] * size[1] > MAX_STREAM_PIXELS:  # the source's own size (width/height 0), before any model work
+                raise ValueError(f"frames of {size[1]}x{size[0]} at the source's size are more than a stream runs at "
+                                 f"(at most {MAX_STREAM_PIXELS / 1e6:.1f} megapixels, e.g. 2048x2048): set width "
+                                 f"and/or height (e.g. width 512) to scale them down")
             self.size = size
         elif size != self.size:
             if not self.rescaled:

@@ -25,8 +25,10 @@ from typing import Iterator
 
 import av
 import cv2
+import numpy as np
 import torch
 
+from ..file_rules import FileRefused, check_pixels, read_image_bytes
 from .frames import selected_count, to_tensor
 from .mp4_writer import AudioFile, AudioSamples
 
@@ -55,6 +57,8 @@ class VideoFileSource:
         self.ended_early: str | None = None
         try:
             self._open_pyav()
+        except FileRefused:
+            raise
         except (av.error.FFmpegError, ValueError, IndexError, StopIteration) as pyav_error:
             if not (isinstance(source, str) and not self.start and not self.duration and self._open_opencv()):
                 raise ValueError(f"{self.name!r} is not a video PyAV or OpenCV can read ({pyav_error})") from None
@@ -63,6 +67,9 @@ class VideoFileSource:
             why = f" ({self.ended_early})" if self.ended_early else " in its trim window" if self.start else ""
             raise ValueError(f"video {self.name!r} has no frames{why}")
         self.size = tuple(self._first.shape[:2])  # (height, width) of the frames as decoded
+        if self.total and isinstance(source, (str, bytes)) and self.total > _byte_count(source):
+            # A header can declare any count (1e9 frames in a 400 KB file); no frame takes less than a byte.
+            self.total, self.total_exact = None, False
 
     def _open_pyav(self) -> None:
         container = av.open(io.BytesIO(self.source) if isinstance(self.source, bytes) else self.source)
@@ -70,6 +77,8 @@ class VideoFileSource:
             if not container.streams.video:
                 raise ValueError("no video stream")
             stream = container.streams.video[0]
+            # From the header, before any frame is decoded (an 8K frame is 100 MB as RGB, 400 MB as float).
+            check_pixels(stream.codec_context.width or 0, stream.codec_context.height or 0, f"video {self.name!r}")
             stream.thread_type = "AUTO"
             rate = stream.average_rate or stream.guessed_rate or Fraction(30)
             self.fps = Fraction(rate)
@@ -103,6 +112,13 @@ class VideoFileSource:
 
     def _open_opencv(self) -> bool:
         capture = cv2.VideoCapture(self.source)
+        if capture.isOpened():
+            try:
+                check_pixels(int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                             f"video {self.name!r}")
+            except FileRefused:
+                capture.release()
+                raise
         ok, bgr = capture.read() if capture.isOpened() else (False, None)
         if not ok:
             capture.release()
@@ -138,6 +154,10 @@ def _declared_frames(stream, fps: Fraction, start: float, duration: float) -> tu
     if duration:
         seconds = min(seconds, duration) if seconds else duration
     return (round(seconds * float(fps)) or None), False
+
+
+def _byte_count(source: str | bytes) -> int:
+    return len(source) if isinstance(source, bytes) else os.path.getsize(source)
 
 
 def _opencv_frames(capture) -> Iterator[torch.Tensor]:
@@ -178,18 +198,21 @@ class TensorSource:
 class ImageFolderSource:
     """The images of a folder, in name order (PNG, JPEG, WebP, BMP, TIFF); no fps, no audio.
 
-    An image that cannot be read is skipped with a warning (named in ``skipped``), so one
-    bad file does not end a long run; a folder with no readable image at all fails.
+    Every file is read by ``file_rules.read_image_bytes``: a link leaving ``allowed`` (default:
+    the folder itself), a header that declares more than ``MAX_SOURCE_PIXELS`` or a file that
+    does not decode is skipped with a warning naming it (``skipped``: "name (why)"), so one bad
+    file neither ends a long run nor is read; a folder with no readable image at all fails.
     """
 
     fps = None
     total_exact = True
     ended_early = None
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, allowed: str | None = None):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"image folder not found: {os.path.basename(path)!r}")
         self.name = os.path.basename(os.path.normpath(path))
+        self.allowed = allowed or path
         self.files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not self.files:
             raise ValueError(f"folder {self.name!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -202,16 +225,28 @@ class ImageFolderSource:
     def __iter__(self) -> Iterator[torch.Tensor]:
         given = 0
         for file in self.files:
-            bgr = cv2.imread(file, cv2.IMREAD_COLOR)
-            if bgr is None:
-                self.skipped.append(os.path.basename(file))
-                log.warning("StreamV2V: skipped unreadable image %r in folder %r", os.path.basename(file), self.name)
+            try:
+                rgb = self._read(file)
+            except FileRefused as why:
+                self.skipped.append(f"{os.path.basename(file)} ({why})")
+                log.warning("StreamV2V: skipped image %r in folder %r: %s", os.path.basename(file), self.name, why)
                 continue
             given += 1
-            yield to_tensor(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            yield to_tensor(rgb)
         if not given:
-            raise ValueError(f"folder {self.name!r}: none of its {len(self.files)} images could be read "
-                             f"({', '.join(self.skipped[:5])}{', ...' if len(self.skipped) > 5 else ''})")
+            raise ValueError(f"folder {self.name!r}: none of its {len(self.files)} images could be read: "
+                             f"{'; '.join(self.skipped[:3])}{'; ...' if len(self.skipped) > 3 else ''}")
+
+    def _read(self, file: str) -> np.ndarray:
+        """``uint8 [H, W, 3]`` RGB of one file, after the file rule; ``FileRefused`` if it cannot be used."""
+        data = read_image_bytes(self.allowed, file)
+        try:
+            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        except cv2.error as error:
+            raise FileRefused(f"OpenCV cannot decode it ({str(error).strip().splitlines()[-1]})") from None
+        if bgr is None:
+            raise FileRefused("OpenCV cannot decode it")
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
     def close(self) -> None:
         pass

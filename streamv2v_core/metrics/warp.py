@@ -174,7 +174,14 @@ def compute_flows(frames: Any, size: Optional[Tuple[int, int]] = None,
     return _flows_of(video, backward)
 
 
+MIN_FLOW_SIDE = 12  # OpenCV's DIS flow refuses smaller frames (a raw cv2.error)
+
+
 def _flows_of(video: np.ndarray, backward: bool) -> List[Tuple[np.ndarray, Optional[np.ndarray]]]:
+    """video: ``[T, H, W, C]``; flows as ``compute_flows``. ValueError for frames under 12 pixels a side."""
+    if min(video.shape[1:3]) < MIN_FLOW_SIDE:
+        raise ValueError(f"frames of {video.shape[2]}x{video.shape[1]} are too small for optical flow (at least "
+                         f"{MIN_FLOW_SIDE} pixels a side): use flow_size 16 or more, or larger frames")
     cv2 = _cv2()
     gray = _gray_u8(video)
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)

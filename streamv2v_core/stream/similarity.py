@@ -26,8 +26,10 @@ class SimilarityFilter:
     """Decides, frame by frame, whether a frame can reuse the last processed frame's output.
 
     A frame is skipped with ``skip_probability`` against the *reference*, the last frame
-    that was processed (it stays fixed while frames are skipped). After ``max_skips``
-    skips in a row the next frame is processed regardless. The coin for input frame i is
+    that was processed (it stays fixed while frames are skipped). As StreamDiffusion's
+    filter (``skip_count > max_skip_frame`` forces a frame through), a frame is processed
+    regardless once more than ``max_skips`` frames in a row were skipped: at most
+    ``max_skips + 1`` skips in a row. The coin for input frame i is
     drawn from a generator seeded with (seed, i), so runs repeat and a stream continued
     over several runs flips the same coins as one run.
     """
@@ -41,14 +43,16 @@ class SimilarityFilter:
         self._reference: torch.Tensor | None = None
         self._skipped = 0
         self._seen = 0
+        self.skips = 0  # frames skipped since the filter was made (for reports)
 
     def skip(self, frame: torch.Tensor) -> bool:
         """frame: an image in 0..1 (e.g. ``[H, W, 3]``). True when it should reuse the previous output."""
         index, self._seen = self._seen, self._seen + 1
-        if self._reference is not None and self._skipped < self.max_skips and frame.shape == self._reference.shape:
+        if self._reference is not None and self._skipped <= self.max_skips and frame.shape == self._reference.shape:
             coin = random.Random(seed_of(self.seed, index)).random()
             if coin < skip_probability(frame, self._reference, self.threshold):
                 self._skipped += 1
+                self.skips += 1
                 return True
         self._reference = frame.detach().clone()
         self._skipped = 0

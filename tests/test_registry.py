@@ -1,0 +1,131 @@
+"""The one bounded registry behind banks, browser sessions, frame cursors (streamv2v_core/registry.py)."""
+import threading
+
+import pytest
+
+from streamv2v.streamv2v_core.bank.storage import MAX_BANKS, BankConfig, BankHandle, BankRegistry, check_bank_name
+from streamv2v.streamv2v_core.registry import Registry, RegistryFull, clear_all_registries
+
+
+def test_lru_drops_the_least_recently_used_idle_entry_and_closes_it():
+    closed = []
+    reg = Registry("thing", 3, "lru", close=closed.append, busy=lambda v: v == "busy", register=False)
+    reg.put("a", "busy")
+    for name in "bcd":
+        reg.put(name, name)
+    assert reg.names() == ["a", "c", "d"] and closed == ["b"]  # "a" is busy: never dropped
+    reg.get("c")  # used: "d" is now the oldest idle entry
+    reg.put("e", "e")
+    assert reg.names() == ["a", "c", "e"] and closed == ["b", "d"]
+    assert reg.find("zzz") is None and len(reg) == 3  # finding creates nothing
+
+
+def test_refuse_policy_and_all_busy_say_what_to_do():
+    reg = Registry("widget", 2, "refuse", hint="Delete one first.", register=False)
+    reg.put("a", 1)
+    reg.put("b", 2)
+    reg.put("a", 3)  # replacing a name needs no room
+    with pytest.raises(RegistryFull, match="too many widgets: at most 2 .* Delete one first."):
+        reg.put("c", 4)
+    busy = Registry("session", 1, "lru", busy=lambda v: True, register=False)
+    busy.put("x", 1)
+    with pytest.raises(RegistryFull, match="at most 1"):
+        busy.put("y", 2)
+
+
+def test_clear_all_keeps_busy_entries_and_clear_all_registries_reaches_registered_ones(monkeypatch):
+    import weakref
+
+    from streamv2v.streamv2v_core import registry
+    monkeypatch.setattr(registry, "_ALL", weakref.WeakSet())  # leave the pack's own banks and sessions alone
+    closed = []
+    reg = Registry("probe-kind", 4, close=closed.append, busy=lambda v: v == "running")
+    reg.put("a", "idle")
+    reg.put("b", "running")
+    assert clear_all_registries()["probe-kind"] == 1
+    assert reg.names() == ["b"] and closed == ["idle"]
+
+
+def test_clear_all_never_compares_values():
+    """Stream states are dataclasses holding tensors: ``==`` on them raises, and /free answered 500."""
+    import torch
+
+    from streamv2v.nodes.engine.streams import StreamState
+    reg = Registry("probe-states", 4, register=False)
+    for name in "ab":
+        reg.put(name, StreamState(last_image=torch.rand(2, 4, 4, 3)))
+    assert reg.clear_all() == 2 and not reg.names()
+
+
+def test_get_or_create_is_thread_safe_and_bounded():
+    reg = Registry("t", 8, register=False)
+    made = []
+
+    def work(i):
+        for j in range(200):
+            reg.get_or_create(f"n{(i * 7 + j) % 20}", lambda: made.append(1) or object())
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(reg) == 8
+
+
+def test_banks_are_bounded_and_reading_a_handle_never_resets_its_bank():
+    reg = BankRegistry(limit=3)
+    for i in range(5):
+        reg.get(f"b{i}")
+    assert reg.names() == ["b2", "b3", "b4"] and MAX_BANKS == 64
+    import streamv2v.streamv2v_core.bank.storage as bank_mod
+    bank_mod.BANKS.remove("shared")
+    a, b = BankHandle("shared", BankConfig(size=1)), BankHandle("shared", BankConfig(size=2))
+    bank = a.open()
+    bank.frames_seen = 5
+    assert b.bank is bank and a.bank is bank and bank.frames_seen == 5  # no reset on access
+    assert b.open().frames_seen == 0 and bank.config.size == 2  # a run with b's settings: cleared, with the reason
+    assert "size 1 -> 2" in bank.last_reset_reason
+    bank_mod.BANKS.remove("shared")
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 201, "evil\nStreamV2V bank 'x' cleared: forged", "tab\there"])
+def test_bank_names_that_cannot_be_cleared_or_logged_safely_are_refused(name):
+    with pytest.raises(ValueError, match="is not allowed: use 1 to 200 printable characters"):
+        check_bank_name(name)
+    assert check_bank_name("  my bank é ") == "my bank é"
+
+
+def test_signatures_never_take_a_reused_id_for_the_same_model():
+    """A reloaded checkpoint often gets its predecessor's id(): signatures hold weak references instead."""
+    import gc
+
+    from streamv2v.nodes.engine.signatures import SameObject
+
+    class Model:
+        pass
+
+    first = Model()
+    kept = SameObject(first)
+    assert kept == SameObject(first) and hash(kept) == hash(SameObject(first))
+    old_id = id(first)
+    del first
+    gc.collect()
+    made = [Model() for _ in range(10_000)]  # kept alive: one of them lands on the freed memory
+    reloaded = next(m for m in made if id(m) == old_id)
+    assert SameObject(reloaded) != kept
+    assert frozenset({("w", SameObject(reloaded))}) != frozenset({("w", kept)})
+
+
+def test_bank_status_counts_a_running_streams_frames():
+    """The status route showed frames_seen 0 until a running loop ended."""
+    from streamv2v.nodes.engine.streams import STREAMS, StreamState, bank_status
+    from streamv2v.streamv2v_core.bank.storage import FeatureBank
+    bank = FeatureBank(BankConfig(), name="live")
+    STREAMS.put("bank live", StreamState(next_frame=7, bank_generation=bank.generation))  # a run on it, mid-way
+    try:
+        assert bank_status(bank)["frames_seen"] == 7
+        bank.reset("done")  # a new generation: that stream ended
+        assert bank_status(bank)["frames_seen"] == 0
+    finally:
+        STREAMS.remove("bank live")
