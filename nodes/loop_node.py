@@ -13,6 +13,7 @@ import comfy.model_management
 from ..streamv2v_core.frames import selected_count
 from ..streamv2v_core.live_session import SESSIONS, check_session_name
 from ..streamv2v_core.video_io import shortfall
+from .compiled_unet import OFF, compile_mode
 from .input_files import check_input, modified_time
 from .loop_inputs import source_inputs
 from .loop_sink import LoopSink, drops_text
@@ -79,8 +80,10 @@ class StreamV2VLoop(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, source=VIDEO_FILE, file="", session="webcam", filename_prefix=DEFAULT_PREFIX):
-        try:
+    def validate_inputs(cls, source=VIDEO_FILE, file="", session="webcam", filename_prefix=DEFAULT_PREFIX,
+                        compile=OFF):
+        try:  # `compile` is named here so that an old workflow's boolean passes ComfyUI's list check
+            compile_mode(compile)
             check_prefix(filename_prefix)
             check_session_name(session)
         except ValueError as error:

@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 import comfy.utils
 
+from .compiled_unet import COMPILE_MODES, CUDA_GRAPHS, DEFAULT, OFF
 from .node_status import node_id_of
 from .previews import PREVIEW_INTERVAL_S, Throttle, preview_of
 from .stream_engine import BANK_START_CHOICES, CONTINUE, FRESH, IN_FLIGHT, StreamSettings, run_stream
@@ -56,10 +57,14 @@ def stream_inputs() -> list:
                                f"(the first input is shown while the pipeline fills). A change of model, LoRA, "
                                f"size, steps, strength or cfg always starts afresh, with the reason in the log and "
                                f"the bank's status line."),
-        io.Boolean.Input("compile", default=False, optional=True,
-                         tooltip="Advanced: run the UNet (with the bank patches inside) through torch.compile for "
-                                 "speed on a GPU. The first frames take longer while it compiles; if compiling is "
-                                 "not possible here the stream runs as usual, with a note in the log."),
+        io.Combo.Input("compile", options=list(COMPILE_MODES), default=OFF, optional=True,
+                       tooltip=f"Advanced: run the UNet (with the bank patches inside) through torch.compile. "
+                               f"'{OFF}': as usual. '{DEFAULT}': inductor's fused kernels. '{CUDA_GRAPHS}': also "
+                               f"replays each compiled graph as one CUDA graph, for the least launch overhead "
+                               f"(CUDA devices only; elsewhere it runs '{DEFAULT}', with a note in the log). The "
+                               f"first frames of the first stream take long while it compiles; if compiling fails "
+                               f"the stream runs uncompiled, with a note in the log. Old workflows' true/false "
+                               f"mean '{DEFAULT}'/'{OFF}'."),
     ]
 
 
@@ -86,10 +91,11 @@ class StreamV2VSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, steps=4, strength=0.4):
-        # Only the inputs named here skip ComfyUI's own min/max checks (a **kwargs would skip them all).
+    def validate_inputs(cls, steps=4, strength=0.4, compile=OFF):
+        # Only the inputs named here skip ComfyUI's own min/max and list checks (a **kwargs would skip them
+        # all); `compile` is named so that an old workflow's boolean is accepted (True -> default, False -> off).
         try:
-            StreamSettings(steps=steps, strength=strength).check()
+            StreamSettings(steps=steps, strength=strength, compile=compile).check()
         except ValueError as error:
             return str(error)
         return True

@@ -40,6 +40,7 @@ from ..streamv2v_core.schedule import strength_timesteps
 from ..streamv2v_core.similarity import SimilarityFilter
 from ..streamv2v_core.stream import InFlight, NoiseSource, StreamPipeline
 from ..streamv2v_core.transfer import Handoff, Upload
+from .compiled_unet import COMPILE_KEY, OFF, compile_mode, compile_wrapper
 from .device_vae import DeviceCodec, attach, vae_downscale
 from .model_patching import RUN_BANKS_KEY, frame_size_part, model_parts
 
@@ -64,7 +65,7 @@ class StreamSettings:
     similarity_threshold: float = 0.98
     max_skips: int = 10
     bank_start: str = FRESH
-    compile: bool = False
+    compile: str | bool = OFF  # a mode of compiled_unet.COMPILE_MODES; a saved workflow's boolean maps onto them
 
     def check(self) -> None:
         if not 1 <= int(self.steps) <= 50:
@@ -78,6 +79,7 @@ class StreamSettings:
             raise ValueError(f"bank_start must be one of {BANK_START_CHOICES}, got {self.bank_start!r}")
         if not 0.0 <= float(self.similarity_threshold) < 1.0:
             raise ValueError(f"similarity_threshold must be in [0, 1), got {self.similarity_threshold}")
+        compile_mode(self.compile)
 
 
 # --------------------------------------------------------------------------- input checks
@@ -258,49 +260,9 @@ def per_row(fn: Callable, returns_list: bool = False) -> Callable:
     return row_by_row
 
 
-COMPILE_KEY = "streamv2v.compile"
-COMPILE_BACKEND = "inductor"  # tests use "eager" (tracing only)
-
-
-class CompiledUNet:
-    """APPLY_MODEL wrapper: the UNet forward, with the bank patches inside, through ``torch.compile``.
-
-    Made for one stream (it lives on the engine's own model clone). The patches read only
-    per-call layout integers, so the compiled graph is reused call after call (a few
-    variants while the bank fills and for the frames that update it). If compiling or
-    running the compiled graph fails, it says so once and the stream goes on eagerly.
-    """
-
-    def __init__(self, backend: str | None = None):
-        self.backend = backend or COMPILE_BACKEND
-        self.compiled = None
-        self.failed: str | None = None
-
-    def __call__(self, executor, *args, **kwargs):
-        base = executor.class_obj
-        if self.failed is not None:
-            return executor(*args, **kwargs)
-        original = base.diffusion_model
-        try:
-            if self.compiled is None:
-                self.compiled = torch.compile(original, backend=self.backend, dynamic=False)
-            base.diffusion_model = self.compiled
-            return executor(*args, **kwargs)
-        except comfy.model_management.InterruptProcessingException:
-            raise
-        except Exception as error:  # no compiler, an op the backend cannot take, ...: run as usual
-            self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            log.warning("StreamV2V: the compiled UNet path is not available here (%s); running it uncompiled",
-                        self.failed)
-            base.diffusion_model = original
-            return executor(*args, **kwargs)
-        finally:
-            base.diffusion_model = original
-
-
-def stream_model(model, vae, compile_unet: bool = False):
+def stream_model(model, vae, compile_unet=OFF):
     """A clone of ``model`` for the stream engine: guidance functions per row, VAE loaded with the UNet,
-    optionally the UNet compiled."""
+    optionally the UNet compiled (``compile_unet``: a mode of ``compiled_unet``, or a saved boolean)."""
     model = model.clone()
     options = model.model_options
     options.setdefault("transformer_options", {})[STREAM_KEY] = True
@@ -310,9 +272,10 @@ def stream_model(model, vae, compile_unet: bool = False):
         if options.get(key):
             options[key] = [per_row(fn, returns_list) for fn in options[key]]
     attach(model, vae)
-    if compile_unet:
+    wrapper = compile_wrapper(compile_unet, model.load_device)
+    if wrapper is not None:
         model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY)
-        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY, CompiledUNet())
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY, wrapper)
     return model
 
 
