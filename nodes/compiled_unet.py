@@ -188,7 +188,31 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__module__}.{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
+def attention_warning(attention=None) -> str | None:
+    """Why ComfyUI's attention backend will break the compiled graph, or None (SDPA, xformers, sage, ...).
+
+    attention: the function ``comfy.ldm.modules.attention.optimized_attention`` (read when None). ComfyUI's
+    sub-quadratic and split attention (its default on a CPU, or when PyTorch attention is off) loop over
+    chunks in Python and ask psutil for free memory: dynamo breaks the graph there and recompiles per shape.
+    """
+    import comfy.ldm.modules.attention as attention_module
+
+    attention = attention or attention_module.optimized_attention
+    loops = {attention_module.attention_sub_quad: "sub-quadratic", attention_module.attention_split: "split"}
+    name = loops.get(attention)
+    if name is None:
+        return None
+    return (f"StreamV2V compile: ComfyUI runs its {name} cross attention here, whose Python chunk loop breaks "
+            f"the compiled graph into hundreds of pieces and recompiles per shape (measured 2-3x slower than "
+            f"uncompiled); start ComfyUI with --use-pytorch-cross-attention (or xformers) to compile the UNet")
+
+
 def compile_wrapper(mode, device) -> CompiledUNet | None:
     """The APPLY_MODEL wrapper for ``mode`` on ``device``, or None for ``off``."""
     mode = device_mode(mode, device)
-    return None if mode == OFF else CompiledUNet(mode)
+    if mode == OFF:
+        return None
+    warning = attention_warning()
+    if warning:
+        _log_once(warning)
+    return CompiledUNet(mode)

@@ -132,3 +132,53 @@ def test_a_compile_error_falls_back_to_eager_once_with_its_type_in_the_log(parts
     assert len(calls) == 1
     assert caplog.text.count("compiling the UNet failed") == 1
     assert "BackendCompilerFailed" in caplog.text and "no compiler here" in caplog.text
+
+
+def test_a_chunked_attention_backend_is_named_in_the_log_when_compiling():
+    import comfy.ldm.modules.attention as attention
+
+    assert compiled_unet.attention_warning(attention.attention_pytorch) is None
+    assert compiled_unet.attention_warning() is None  # the test host runs ComfyUI with PyTorch attention
+    for loop, name in ((attention.attention_sub_quad, "sub-quadratic"), (attention.attention_split, "split")):
+        warning = compiled_unet.attention_warning(loop)
+        assert name in warning and "--use-pytorch-cross-attention" in warning
+
+
+def test_graph_variants_are_bounded_and_steady_state_never_recompiles():
+    """A DyMe(1) stream at 2 steps, bank updated every 3rd frame (calls with and without a bank write):
+    fresh runs compile 2S = 4 graphs (pipeline filling: 1 row without a bank, 2 rows with a partly filled
+    bank; steady state; draining: 1 row), shared by later runs; a continued run's refill (1 row, full bank)
+    adds one; steady state, repeated runs and frames in flight compile nothing. No graph breaks (PyTorch
+    attention). The compiled frames equal the eager ones."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch
+    from streamv2v.nodes.stream_engine import CONTINUE, FRESH, IN_FLIGHT
+    from streamv2v.streamv2v_core import BANKS
+
+    BANKS.remove("compile-variants")
+    handle = FeatureBankNode.execute("compile-variants", "dyme", 1, 3, 0).args[0]
+    model = ExtendedAttentionPatch.execute(tiny_models.micro_sd15_model(0), handle, "all").args[0]
+    model = FeatureFusionPatch.execute(model, handle, 0.75, 0.9, "low-res decoder").args[0]
+    vae, cond = tiny_models.tiny_taesd_vae(1), tiny_models.random_conditioning("sd15", 1)
+    clip = list(torch.rand(10, 32, 32, 3, generator=torch.Generator().manual_seed(2)))
+
+    def stream(mode, start, images):
+        out = []
+        run_stream(model, cond, cond, vae, iter(images), StreamSettings(steps=2, bank_start=start, compile=mode),
+                   lambda i, image: out.append(image))
+        return torch.stack(out)
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    outputs = {}
+    for mode in (OFF, DEFAULT):
+        outputs[mode] = [stream(mode, FRESH, clip), stream(mode, FRESH, clip), stream(mode, CONTINUE, clip[:4]),
+                         stream(mode, IN_FLIGHT, clip[4:7]), stream(mode, IN_FLIGHT, clip[7:])]
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [0, 5], graphs  # 4 for a fresh run + the refill of frames in flight
+    assert counters["frames"]["total"] == 5 and not counters["graph_break"], dict(counters["graph_break"])
+    for compiled, eager in zip(outputs[DEFAULT], outputs[OFF]):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
