@@ -32,6 +32,8 @@ import torch
 
 import comfy.model_management
 
+from ..streamv2v_core.calls import PLAN_KEY
+
 log = logging.getLogger("streamv2v")
 
 COMPILE_KEY = "streamv2v.compile"
@@ -112,6 +114,7 @@ class _Compiled:
     def __init__(self):
         self.by_mode: dict[tuple, torch.nn.Module] = {}
         self.failed: dict[tuple, str] = {}
+        self.seen: set[tuple] = set()  # call layouts met so far (see ``call_layout``)
 
 
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, _Compiled]" = weakref.WeakKeyDictionary()
@@ -153,8 +156,13 @@ class CompiledUNet:
     def __call__(self, executor, *args, **kwargs):
         base = executor.class_obj
         original = base.diffusion_model
-        entry = _CACHE.get(original)
-        if entry is not None and self.key in entry.failed:
+        entry = _CACHE.setdefault(original, _Compiled())
+        layout = (self.key, call_layout(args, kwargs))
+        if self.key in entry.failed or layout not in entry.seen:
+            # A layout met for the first time runs eagerly: the pipeline's filling and draining calls (each
+            # layout once a run) do not stall the stream for a graph they would use once; it compiles when
+            # it comes back (the steady state from its second call, a later run's filling and draining).
+            entry.seen.add(layout)
             return executor(*args, **kwargs)
         try:
             compiled = self.compiled_for(original)
@@ -180,6 +188,22 @@ class CompiledUNet:
         _CACHE.setdefault(module, _Compiled()).failed[self.key] = reason
         _log_once(f"StreamV2V compile ({self.mode}): compiling the UNet failed ({reason}); the stream runs "
                   f"uncompiled from here on (the same frames, eager speed)")
+
+
+def call_layout(args: tuple, kwargs: dict) -> tuple:
+    """What tells a UNet call's graph apart, from host values only: the latent's shape and dtype, the stream
+    engine's rows (steps and steps per frame), the cond/uncond chunks and whether a ControlNet is attached.
+
+    args, kwargs: ``BaseModel.apply_model``'s ``(x, t, c_concat, c_crossattn, control, transformer_options)``.
+    The bank's fill level is not in it: a call whose bank is still filling (once per stream) and the steady
+    calls after it share a layout, so it is the second, steady call that compiles.
+    """
+    x = args[0] if args else kwargs.get("x")
+    control = args[4] if len(args) > 4 else kwargs.get("control")
+    options = (args[5] if len(args) > 5 else kwargs.get("transformer_options")) or {}
+    plan = options.get(PLAN_KEY)
+    rows = (tuple(plan.steps), plan.total_steps) if plan is not None else None
+    return (tuple(x.shape), x.dtype, rows, tuple(options.get("cond_or_uncond") or ()), control is not None)
 
 
 def _describe(error: BaseException) -> str:

@@ -36,6 +36,11 @@ def frames(n=2):
     return list(torch.rand(n, 64, 64, 3, generator=torch.Generator().manual_seed(0)))
 
 
+def layouts_met(parts):
+    """Run the call layouts of ``run`` once (compiled mode runs a layout's first call eagerly)."""
+    run(parts[0], parts, DEFAULT)
+
+
 def run(model, parts, mode=DEFAULT, n=2):
     _, vae, cond = parts
     outputs = []
@@ -87,6 +92,7 @@ def test_cuda_graphs_on_a_cpu_device_runs_default_mode_and_says_so(caplog):
 ], ids=["out of memory", "interrupt", "model error", "KeyboardInterrupt"])
 def test_errors_inside_the_compiled_call_propagate_as_without_compile(parts, error, caplog):
     model = raising(error)(parts[0])
+    layouts_met(parts)
     for mode in (OFF, DEFAULT, DEFAULT):  # uncompiled, compiled, compiled again (not silently turned off)
         with pytest.raises(type(error)) as raised:
             run(model, parts, mode)
@@ -100,6 +106,7 @@ def test_a_shape_error_found_while_tracing_is_raised_as_the_eager_error(parts):
         return n, context[..., :3], value[..., :3]
     model = parts[0].clone()
     model.set_model_attn1_patch(bad)
+    layouts_met(parts)
     messages = []
     for mode in (OFF, DEFAULT):
         with pytest.raises(RuntimeError) as raised:
@@ -113,6 +120,7 @@ def test_an_out_of_memory_error_wrapped_in_a_compile_error_is_unwrapped(parts, m
     def backend(graph, example_inputs):
         raise torch.OutOfMemoryError("out of memory while compiling (test)")
     monkeypatch.setattr(compiled_unet, "COMPILE_BACKEND", backend)
+    layouts_met(parts)
     with pytest.raises(torch.OutOfMemoryError, match="while compiling"):
         run(parts[0], parts)
 
@@ -126,6 +134,8 @@ def test_a_compile_error_falls_back_to_eager_once_with_its_type_in_the_log(parts
     eager = run(parts[0], parts, OFF)
     monkeypatch.setattr(compiled_unet, "COMPILE_BACKEND", backend)
     with caplog.at_level(logging.WARNING, logger="streamv2v"):
+        layouts_met(parts)  # every call's layout is new: eager, nothing compiled yet
+        assert not calls
         first = run(parts[0], parts)
         second = run(parts[0], parts)  # the failure is remembered: no second attempt
     assert torch.equal(first, eager) and torch.equal(second, eager)
