@@ -173,12 +173,15 @@ class CompiledUNet:
             cause = propagating_cause(error)
             if cause is not None:
                 raise cause from None  # out of memory / interrupt: as the eager call would raise it
-            base.diffusion_model = original
-            out = executor(*args, **kwargs)  # the model's own error is raised here, as without compile
-            self._give_up(original, error)
-            return out
+            failure = error
         finally:
             base.diffusion_model = original
+        # Outside the except clause, so that an error of the model itself is raised exactly as uncompiled
+        # (not chained to the compile error). The patches' per-call state is only staged, so running again
+        # is safe; compiling is given up only once the eager call has succeeded.
+        out = executor(*args, **kwargs)
+        self._give_up(original, failure)
+        return out
 
     def _give_up(self, module: torch.nn.Module, error: BaseException) -> None:
         reason = _describe(error)
