@@ -144,7 +144,7 @@ def patched(model, name: str, mode: str, size: int, interval: int = INTERVAL):
     return model, handle
 
 
-def run_frames(model, cond, vae, frames, stream_batch: bool = True, steps: int = 4, compile: bool = False) -> int:
+def run_frames(model, cond, vae, frames, stream_batch: bool = True, steps: int = 4, compile: str = "off") -> int:
     from streamv2v.nodes.engine import StreamSettings, run_stream
 
     settings = StreamSettings(seed=0, steps=steps, strength=0.4, cfg=1.0, stream_batch=stream_batch, compile=compile)

@@ -46,8 +46,8 @@ def main() -> None:
     parse_common(parser)
     parser.add_argument("--frames", type=int, default=64, help="frames per run (default 64)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (each variant runs once per round)")
-    parser.add_argument("--compile", action="store_true",
-                        help="run the UNet through torch.compile (the nodes' `compile` input; GPU, eager fallback)")
+    parser.add_argument("--compile", nargs="?", const="default", default="off",
+                        help="the nodes' `compile` mode: off, default (the bare flag) or 'CUDA graphs'")
     args = parser.parse_args()
     size_given = args.size
     torch, dtype = setup(args)
@@ -109,7 +109,7 @@ def main() -> None:
                   "after gc + malloc_trim); the resident UNet and VAEs are not included")
     notes = [
         f"Device: {device_name(args.device)}; UNet dtype {args.dtype}"
-        f"{', torch.compile' if args.compile else ''}; Python {platform.python_version()}, "
+        f"{', compile ' + args.compile if args.compile != 'off' else ''}; Python {platform.python_version()}, "
         f"torch {torch.__version__}",
         f"Command: `{command_line()}`",
         f"Model: {'full-size SD1.5 UNet architecture' if args.model == 'full' else 'TINY test UNet (smoke test)'}, "

@@ -7,6 +7,7 @@ from comfy_api.latest import io
 
 from ..streamv2v_core.stream.guidance import FULL, GUIDANCE_CHOICES, ONE_TIME_NEGATIVE, SELF_NEGATIVE
 from .engine import BANK_START_CHOICES, CONTINUE, FRESH, IN_FLIGHT
+from .engine.compiled_unet import COMPILE_MODES, CUDA_GRAPHS, DEFAULT, OFF
 
 BANK_CATEGORY = "StreamV2V/Bank"
 SAMPLING_CATEGORY = "StreamV2V/Sampling"
@@ -70,11 +71,14 @@ def stream_inputs() -> list:
                                f"(the first input is shown while the pipeline fills). A change of model, LoRA, "
                                f"size, steps, strength or cfg always starts afresh, with the reason in the log and "
                                f"the bank's status line."),
-        advanced(io.Boolean.Input("compile", default=False, optional=True,
-                                  tooltip="Run the UNet (with the bank patches inside) through torch.compile for "
-                                          "speed on a GPU. The first frames take longer while it compiles; if "
-                                          "compiling is not possible here the stream runs as usual, with a note in "
-                                          "the log.")),
+        advanced(io.Combo.Input("compile", options=list(COMPILE_MODES), default=OFF, optional=True,
+                                tooltip=f"Run the UNet (with the bank patches inside) through torch.compile. "
+                                        f"'{OFF}': as usual. '{DEFAULT}': inductor's fused kernels. '{CUDA_GRAPHS}': "
+                                        f"also replays each compiled graph as one CUDA graph, for the least launch "
+                                        f"overhead (CUDA devices only; elsewhere it runs '{DEFAULT}', with a note in "
+                                        f"the log). The first frames of the first stream take long while it "
+                                        f"compiles; if compiling fails the stream runs uncompiled, with a note in "
+                                        f"the log. Old workflows' true/false mean '{DEFAULT}'/'{OFF}'.")),
     ]
 
 

@@ -24,6 +24,7 @@ from .node_status import NodeStatus, node_id_of
 from .output_files import check_prefix
 from ._schema import VIDEO_CATEGORY, from_inputs, guidance_inputs, stream_inputs
 from .engine import StreamSettings, run_stream, stream_of
+from .engine.compiled_unet import OFF, compile_mode
 from .video_input import video_output
 from .wording import every_nth, plural
 
@@ -87,10 +88,15 @@ class StreamV2VLoop(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, file=""):
+    def validate_inputs(cls, file="", compile=OFF):
         # ComfyUI reports a message on every input this function takes, so it takes only `file` (checked
-        # whatever the source: a name outside the input folder is never accepted). filename_prefix, session
-        # and prompt_schedule are checked first thing in execute, each naming itself.
+        # whatever the source: a name outside the input folder is never accepted) and `compile` (named so that
+        # an old workflow's boolean passes ComfyUI's list check). filename_prefix, session and prompt_schedule
+        # are checked first thing in execute, each naming itself.
+        try:
+            compile_mode(compile)
+        except ValueError as error:
+            return str(error)
         return check_input(file) or True
 
     @classmethod

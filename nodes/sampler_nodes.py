@@ -10,6 +10,7 @@ from .node_status import node_id_of
 from .previews import PREVIEW_INTERVAL_S, Throttle, preview_of
 from ._schema import SAMPLING_CATEGORY, from_inputs, guidance_inputs, stream_inputs
 from .engine import StreamSettings, run_stream
+from .engine.compiled_unet import OFF
 
 
 class StreamV2VSampler(io.ComfyNode):
@@ -30,10 +31,11 @@ class StreamV2VSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, steps=4, strength=0.4):
-        # Only the inputs named here skip ComfyUI's own min/max checks (a **kwargs would skip them all).
+    def validate_inputs(cls, steps=4, strength=0.4, compile=OFF):
+        # Only the inputs named here skip ComfyUI's own min/max and list checks (a **kwargs would skip them
+        # all); `compile` is named so that an old workflow's boolean is accepted (True -> default, False -> off).
         try:
-            StreamSettings(steps=steps, strength=strength).check()
+            StreamSettings(steps=steps, strength=strength, compile=compile).check()
         except ValueError as error:
             return str(error)
         return True

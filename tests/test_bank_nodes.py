@@ -292,13 +292,16 @@ def test_compiled_path_falls_back_cleanly_when_it_cannot_apply(caplog, monkeypat
     from streamv2v.nodes.sampler_nodes import StreamV2VSampler
 
     monkeypatch.setattr(compiled_unet, "COMPILE_BACKEND", "no-such-backend")
+    compiled_unet.forget_compiled()
     model = _patch(tiny_models.tiny_sd15_model(0), _bank("fallback"))
     vae, cond = tiny_models.tiny_taesd_vae(1), tiny_models.random_conditioning("sd15", 1)
     frames = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(1))
     outputs = {}
     with caplog.at_level(logging.WARNING, logger="streamv2v"):
-        for compiled in (True, False):
+        # An old workflow's boolean; the second compiled run meets its call layouts again and compiles.
+        for compiled in (True, True, False):
             outputs[compiled] = StreamV2VSampler.execute(model, cond, cond, vae, frames, seed=1,
                                                          compile=compiled).args[0]
     assert torch.equal(outputs[True], outputs[False])
-    assert "compiled UNet path is not available here" in caplog.text
+    assert "compiling the UNet failed" in caplog.text and "InvalidBackend" in caplog.text
+    compiled_unet.forget_compiled()

@@ -10,7 +10,7 @@ import comfy.patcher_extension
 
 from ...streamv2v_core.bank.patches import STREAM_KEY
 from ...streamv2v_core.stream.schedule import strength_timesteps
-from .compiled_unet import COMPILE_KEY, CompiledUNet
+from .compiled_unet import COMPILE_KEY, OFF, compile_wrapper
 from .device_vae import attach
 
 # --------------------------------------------------------------------------- model preparation
@@ -45,9 +45,9 @@ def per_row(fn: Callable, returns_list: bool = False) -> Callable:
     return row_by_row
 
 
-def stream_model(model, vae, compile_unet: bool = False):
+def stream_model(model, vae, compile_unet=OFF):
     """A clone of ``model`` for the stream engine: guidance functions per row, VAE loaded with the UNet,
-    optionally the UNet compiled."""
+    optionally the UNet compiled (``compile_unet``: a mode of ``compiled_unet``, or a saved boolean)."""
     model = model.clone()
     options = model.model_options
     options.setdefault("transformer_options", {})[STREAM_KEY] = True
@@ -57,9 +57,10 @@ def stream_model(model, vae, compile_unet: bool = False):
         if options.get(key):
             options[key] = [per_row(fn, returns_list) for fn in options[key]]
     attach(model, vae)
-    if compile_unet:
+    wrapper = compile_wrapper(compile_unet, model.load_device)
+    if wrapper is not None:
         model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY)
-        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY, CompiledUNet())
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY, wrapper)
     return model
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...streamv2v_core.stream.guidance import FULL, GUIDANCE_CHOICES
+from .compiled_unet import OFF, compile_mode
 from .device_vae import vae_downscale
 
 FRESH, CONTINUE, IN_FLIGHT = "fresh", "continue", "continue, frames in flight"
@@ -25,7 +26,7 @@ class StreamSettings:
     similarity_threshold: float = 0.98
     max_skips: int = 10
     bank_start: str = FRESH
-    compile: bool = False
+    compile: str | bool = OFF  # a mode of compiled_unet.COMPILE_MODES; a saved workflow's boolean maps onto them
     guidance: str = FULL
     residual_delta: float = 1.0
 
@@ -41,6 +42,7 @@ class StreamSettings:
             raise ValueError(f"bank_start must be one of {BANK_START_CHOICES}, got {self.bank_start!r}")
         if not 0.0 <= float(self.similarity_threshold) < 1.0:
             raise ValueError(f"similarity_threshold must be in [0, 1), got {self.similarity_threshold}")
+        compile_mode(self.compile)
         if self.guidance not in GUIDANCE_CHOICES:
             raise ValueError(f"guidance must be one of {GUIDANCE_CHOICES}, got {self.guidance!r}")
         if not 0.0 <= float(self.residual_delta) <= 1.0:

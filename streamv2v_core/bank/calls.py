@@ -172,7 +172,9 @@ class BankCall:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _stage(self, name: str, layer, tokens: torch.Tensor) -> None:
-        if self._writes[name][1]:
+        # Compiled, every call stages (``flush`` ignores calls that write nothing): reading whether this call
+        # writes would be a guard, and the calls that do and do not write would need two graphs.
+        if torch.compiler.is_compiling() or self._writes[name][1]:  # is_compiling first: no guard
             self._staged[name][layer] = tokens
 
     def _readable(self, name: str, layer, tokens: torch.Tensor) -> list[Segment] | None:

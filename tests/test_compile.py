@@ -1,0 +1,194 @@
+"""The compiled UNet path (``nodes/compiled_unet.py``): modes, old workflows' booleans, and which errors fall back.
+
+Compiled with dynamo's ``eager`` backend (tracing only: the same guards, graphs and error paths as inductor,
+without generating code). Errors are injected by test patches inside the compiled call.
+"""
+import logging
+
+import pytest
+import torch
+
+import comfy.model_management
+from host import tiny_models
+from streamv2v.nodes.engine import compiled_unet
+from streamv2v.nodes.engine.compiled_unet import CUDA_GRAPHS, DEFAULT, OFF, compile_mode, device_mode
+from streamv2v.nodes.loop_node import StreamV2VLoop
+from streamv2v.nodes.sampler_nodes import StreamV2VSampler
+from streamv2v.nodes.engine import StreamSettings, run_stream
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return tiny_models.tiny_sd15_model(0), tiny_models.tiny_taesd_vae(1), tiny_models.random_conditioning("sd15", 1)
+
+
+@pytest.fixture(autouse=True)
+def eager_backend(monkeypatch):
+    # pytest captures every log record; torch's structured trace log at DEBUG makes tracing ~80x slower.
+    logging.getLogger("torch.__trace").setLevel(logging.WARNING)
+    monkeypatch.setattr(compiled_unet, "COMPILE_BACKEND", "eager")
+    compiled_unet.forget_compiled()
+    yield
+    compiled_unet.forget_compiled()
+
+
+def frames(n=2):
+    return list(torch.rand(n, 64, 64, 3, generator=torch.Generator().manual_seed(0)))
+
+
+def layouts_met(parts):
+    """Run the call layouts of ``run`` once (compiled mode runs a layout's first call eagerly)."""
+    run(parts[0], parts, DEFAULT)
+
+
+def run(model, parts, mode=DEFAULT, n=2):
+    _, vae, cond = parts
+    outputs = []
+    run_stream(model, cond, cond, vae, iter(frames(n)), StreamSettings(seed=1, compile=mode),
+               lambda i, image: outputs.append(image))
+    return torch.stack(outputs)
+
+
+def raising(error: BaseException):
+    """A model whose self-attention patch raises ``error`` (inside the compiled UNet call)."""
+    def patch(n, context, value, extra_options):
+        raise error
+
+    def build(model):
+        clone = model.clone()
+        clone.set_model_attn1_patch(patch)
+        return clone
+    return build
+
+
+def test_modes_and_saved_booleans_map_onto_the_modes():
+    assert [compile_mode(v) for v in (True, False, None, "off", "default", "CUDA graphs", "cuda graphs")] == \
+        [DEFAULT, OFF, OFF, OFF, DEFAULT, CUDA_GRAPHS, CUDA_GRAPHS]
+    with pytest.raises(ValueError, match="compile must be one of"):
+        compile_mode("fast")
+    StreamSettings(compile=True).check()
+    with pytest.raises(ValueError, match="compile must be one of"):
+        StreamSettings(compile="fast").check()
+    # ComfyUI skips its own list check for inputs that validate_inputs names: a saved boolean passes.
+    for node in (StreamV2VSampler, StreamV2VLoop):
+        assert node.validate_inputs(compile=True) is True and node.validate_inputs(compile=False) is True
+        assert node.validate_inputs(compile=CUDA_GRAPHS) is True
+        assert "compile must be one of" in node.validate_inputs(compile="fast")
+
+
+def test_cuda_graphs_on_a_cpu_device_runs_default_mode_and_says_so(caplog):
+    with caplog.at_level(logging.WARNING, logger="streamv2v"):
+        assert device_mode(CUDA_GRAPHS, "cpu") == DEFAULT
+        assert device_mode(CUDA_GRAPHS, "cpu") == DEFAULT
+    assert caplog.text.count("CUDA graphs need a CUDA device") == 1
+    assert device_mode(CUDA_GRAPHS, "cuda") == CUDA_GRAPHS and device_mode(True, "cuda") == DEFAULT
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory (test)"),
+    comfy.model_management.InterruptProcessingException(),
+    ValueError("the model's own error (test)"),
+    KeyboardInterrupt(),
+], ids=["out of memory", "interrupt", "model error", "KeyboardInterrupt"])
+def test_errors_inside_the_compiled_call_propagate_as_without_compile(parts, error, caplog):
+    model = raising(error)(parts[0])
+    layouts_met(parts)
+    for mode in (OFF, DEFAULT, DEFAULT):  # uncompiled, compiled, compiled again (not silently turned off)
+        with pytest.raises(type(error)) as raised:
+            run(model, parts, mode)
+        assert raised.value is error
+    assert "compiling the UNet failed" not in caplog.text
+
+
+def test_a_shape_error_found_while_tracing_is_raised_as_the_eager_error(parts):
+    """Dynamo reports a shape error met while tracing as its own TorchRuntimeError: the eager call raises it."""
+    def bad(n, context, value, extra_options):
+        return n, context[..., :3], value[..., :3]
+    model = parts[0].clone()
+    model.set_model_attn1_patch(bad)
+    layouts_met(parts)
+    messages = []
+    for mode in (OFF, DEFAULT):
+        with pytest.raises(RuntimeError) as raised:
+            run(model, parts, mode)
+        assert type(raised.value) is RuntimeError
+        messages.append(str(raised.value))
+    assert messages[0] == messages[1]
+
+
+def test_an_out_of_memory_error_wrapped_in_a_compile_error_is_unwrapped(parts, monkeypatch):
+    def backend(graph, example_inputs):
+        raise torch.OutOfMemoryError("out of memory while compiling (test)")
+    monkeypatch.setattr(compiled_unet, "COMPILE_BACKEND", backend)
+    layouts_met(parts)
+    with pytest.raises(torch.OutOfMemoryError, match="while compiling"):
+        run(parts[0], parts)
+
+
+def test_a_compile_error_falls_back_to_eager_once_with_its_type_in_the_log(parts, monkeypatch, caplog):
+    calls = []
+
+    def backend(graph, example_inputs):
+        calls.append(1)
+        raise RuntimeError("no compiler here (test)")
+    eager = run(parts[0], parts, OFF)
+    monkeypatch.setattr(compiled_unet, "COMPILE_BACKEND", backend)
+    with caplog.at_level(logging.WARNING, logger="streamv2v"):
+        layouts_met(parts)  # every call's layout is new: eager, nothing compiled yet
+        assert not calls
+        first = run(parts[0], parts)
+        second = run(parts[0], parts)  # the failure is remembered: no second attempt
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+    assert len(calls) == 1
+    assert caplog.text.count("compiling the UNet failed") == 1
+    assert "BackendCompilerFailed" in caplog.text and "no compiler here" in caplog.text
+
+
+def test_a_chunked_attention_backend_is_named_in_the_log_when_compiling():
+    import comfy.ldm.modules.attention as attention
+
+    assert compiled_unet.attention_warning(attention.attention_pytorch) is None
+    assert compiled_unet.attention_warning() is None  # the test host runs ComfyUI with PyTorch attention
+    for loop, name in ((attention.attention_sub_quad, "sub-quadratic"), (attention.attention_split, "split")):
+        warning = compiled_unet.attention_warning(loop)
+        assert name in warning and "--use-pytorch-cross-attention" in warning
+
+
+def test_graph_variants_are_bounded_and_steady_state_never_recompiles():
+    """A DyMe(1) stream at 2 steps, bank updated every 3rd frame (calls with and without a bank write):
+    fresh runs compile 2S = 4 graphs (pipeline filling: 1 row without a bank, 2 rows with a partly filled
+    bank; steady state; draining: 1 row), shared by later runs; a continued run's refill (1 row, full bank)
+    adds one; steady state, repeated runs and frames in flight compile nothing. No graph breaks (PyTorch
+    attention). The compiled frames equal the eager ones."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch
+    from streamv2v.nodes.engine import CONTINUE, FRESH, IN_FLIGHT
+    from streamv2v.streamv2v_core import BANKS
+
+    BANKS.remove("compile-variants")
+    handle = FeatureBankNode.execute("compile-variants", "dyme", 1, 3, 0).args[0]
+    model = ExtendedAttentionPatch.execute(tiny_models.micro_sd15_model(0), handle, "all").args[0]
+    model = FeatureFusionPatch.execute(model, handle, 0.75, 0.9, "low-res decoder").args[0]
+    vae, cond = tiny_models.tiny_taesd_vae(1), tiny_models.random_conditioning("sd15", 1)
+    clip = list(torch.rand(10, 32, 32, 3, generator=torch.Generator().manual_seed(2)))
+
+    def stream(mode, start, images):
+        out = []
+        run_stream(model, cond, cond, vae, iter(images), StreamSettings(steps=2, bank_start=start, compile=mode),
+                   lambda i, image: out.append(image))
+        return torch.stack(out)
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    outputs = {}
+    for mode in (OFF, DEFAULT):
+        outputs[mode] = [stream(mode, FRESH, clip), stream(mode, FRESH, clip), stream(mode, CONTINUE, clip[:4]),
+                         stream(mode, IN_FLIGHT, clip[4:7]), stream(mode, IN_FLIGHT, clip[7:])]
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [0, 5], graphs  # 4 for a fresh run + the refill of frames in flight
+    assert counters["frames"]["total"] == 5 and not counters["graph_break"], dict(counters["graph_break"])
+    for compiled, eager in zip(outputs[DEFAULT], outputs[OFF]):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
