@@ -162,7 +162,7 @@ def measure_row(args, torch, parts: dict, bank: str, mode: str, settings, counte
             f"{syncs[0] / counted:.2f}", peak, f"{warmup:.1f}", compiles]
 
 
-def notes(args, torch, skipped: list[str], started: float) -> list[str]:
+def notes(args, torch, started: float) -> list[str]:
     model = "tiny SD1.5-shaped test UNet (DRY RUN: checks that the script runs)" if args.dry_run else \
         "full-size SD1.5 UNet architecture and a ControlNet of its layout"
     lines = [
@@ -181,8 +181,6 @@ def notes(args, torch, skipped: list[str], started: float) -> list[str]:
     if args.dry_run:
         lines.append("Dry run: compiled rows meet every call layout for the first time and run it eagerly "
                      "(nothing is compiled); CUDA graphs on a CPU device run 'default' mode.")
-    if skipped:
-        lines.append("Skipped: " + "; ".join(sorted(set(skipped))))
     lines.append(f"Total time: {time.perf_counter() - started:.0f} s.")
     return lines
 
@@ -216,7 +214,7 @@ def main() -> None:
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"gpu_check-{'dry-run-' if args.dry_run else ''}{args.device}.md")
     parts = build(args, torch, dtype)
-    rows, skipped = [], []
+    rows = []
     title = f"### GPU check ({device_name(args.device).split(',')[0]}, {args.size}x{args.size}, {args.dtype})"
     with torch.inference_mode():
         for bank in [b for b in BANKS if b in args.banks.split(";")]:
@@ -228,7 +226,7 @@ def main() -> None:
                     rows.append(measure_row(args, torch, parts, bank, mode, settings, torch._dynamo.utils.counters))
                     print(f"  measured {' / '.join(str(c) for c in rows[-1][:3])}: {rows[-1][3]} fps", flush=True)
                     text = "\n".join([title, "", table(HEADER, rows), "", *[f"- {n}" for n in
-                                                                             notes(args, torch, skipped, started)]])
+                                                                             notes(args, torch, started)]])
                     with open(out, "w") as f:  # after every row: a run cut short keeps what it measured
                         f.write(text + "\n")
     write_report(text + "\n", out)

@@ -14,9 +14,10 @@ def test_gpu_check_dry_run_prints_one_table_with_every_row(tmp_path, monkeypatch
     text = out.read_text()
     assert text in capsys.readouterr().out
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| bank")]
-    guided = len(gpu_check.GUIDANCE) if "Skipped: RCFG" not in text else 1
-    assert len(rows) == len(gpu_check.BANKS) * len(gpu_check.MODES) * guided
+    per_bank = sum(len(modes or gpu_check.MODES) for *_, modes in gpu_check.GUIDANCE)
+    assert len(rows) == len(gpu_check.BANKS) * per_bank
     for bank in gpu_check.BANKS:
         for mode in gpu_check.MODES:
-            assert f"| {bank} | {mode} | cfg 1 |" in text
+            assert f"| {bank} | {mode} | cfg 1 |" in text and f"| {bank} | {mode} | RCFG, cfg 2 |" in text
+        assert f"| {bank} | off | full CFG, cfg 2 |" in text
     assert all(float(row.split("|")[4]) > 0 for row in rows)  # fps
