@@ -1,0 +1,111 @@
+"""The toy model the pack trains itself (``scripts/train_toy_model.py``): load it as ordinary MODEL, CLIP, VAE.
+
+Three safetensors files in ``scripts/toy_model/``:
+
+* ``streamv2v_toy_unet.safetensors``: a small SD1.5-shaped UNet, keys as ComfyUI's
+  ``diffusion_model`` (the same names as in an SD1.5 checkpoint without the prefix).
+* ``streamv2v_toy_clip.safetensors``: a small CLIP-L-shaped text encoder (real SD1 tokenizer),
+  keys as a CLIP-L text-encoder file (``text_model.*``); its size is in the file's metadata.
+* ``streamv2v_toy_taesd.safetensors``: a TAESD-shaped autoencoder with ``vae_scale``: core
+  **Load VAE** (``VAELoader``) loads it as it is, from any ``vae`` model folder.
+
+Why not core Load Checkpoint / Load Diffusion Model / Load CLIP for the UNet and the text encoder:
+ComfyUI recognises an SD1.5 UNet by its width (``comfy.supported_models.SD15`` matches only
+``model_channels`` 320 and ``context_dim`` 768), and core Load CLIP builds CLIP-L from a fixed
+768-wide config. A model of a few MB cannot pass either test. So this module builds them with
+ComfyUI's own classes, the way those loaders do after detection: the UNet layout is read from
+the weights by ``comfy.model_detection.detect_unet_config`` and built as ``SD15`` (latent format,
+noise schedule, EPS prediction); the text encoder is ``comfy.sd.CLIP`` with ``SD1ClipModel`` and
+a size override. Nothing in ComfyUI is patched; what comes out is what the core loaders return.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import torch
+
+import comfy.model_detection
+import comfy.model_management as model_management
+import comfy.model_patcher
+import comfy.sd
+import comfy.sd1_clip
+import comfy.supported_models
+import comfy.supported_models_base
+import comfy.utils
+
+TOY_DIR = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "toy_model"
+UNET_FILE = "streamv2v_toy_unet.safetensors"
+CLIP_FILE = "streamv2v_toy_clip.safetensors"
+VAE_FILE = "streamv2v_toy_taesd.safetensors"
+CLIP_CONFIG_KEY = "streamv2v_clip_l_config"  # safetensors metadata: the text encoder's size (JSON)
+
+
+def toy_files(folder: pathlib.Path | str | None = None) -> dict[str, pathlib.Path]:
+    """Paths of the three files in ``folder`` (default: the committed ``scripts/toy_model``)."""
+    root = pathlib.Path(folder) if folder is not None else TOY_DIR
+    return {"unet": root / UNET_FILE, "clip": root / CLIP_FILE, "vae": root / VAE_FILE}
+
+
+def sd15_config_from_weights(sd: dict) -> comfy.supported_models.SD15:
+    """The SD15 model config for a UNet state dict of any width (layout detected from the weights)."""
+    unet_config = comfy.model_detection.detect_unet_config(sd, "")
+    if unet_config is None or unet_config.get("adm_in_channels") is not None \
+            or unet_config.get("use_linear_in_transformer"):
+        raise ValueError("not an SD1.5-shaped UNet (no class embedding, conv projections in the transformers)")
+    return comfy.supported_models.SD15(unet_config)
+
+
+def unet_from_state_dict(sd: dict, device=None) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher around the SD1.5-shaped UNet in ``sd`` (weights in ComfyUI's names), in fp32 on the CPU
+    side; ``device`` is where it runs (default ComfyUI's torch device)."""
+    config = sd15_config_from_weights(sd)
+    config.set_inference_dtype(torch.float32, None)  # a few MB: fp16 storage, fp32 compute everywhere
+    model = config.get_model(sd, "", device=torch.device("cpu"))
+    model.load_model_weights(sd, "")
+    load_device = device if device is not None else model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device,
+                                            offload_device=model_management.unet_offload_device())
+
+
+def load_toy_unet(path, device=None) -> comfy.model_patcher.ModelPatcher:
+    """MODEL from a toy UNet file."""
+    return unet_from_state_dict(comfy.utils.load_torch_file(str(path)), device)
+
+
+def clip_from_config(config: dict, state_dict: dict | None = None) -> comfy.sd.CLIP:
+    """comfy.sd.CLIP (SD1 tokenizer + CLIP-L-shaped text model of ``config``'s size), weights from ``state_dict``."""
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target=target, model_options={"clip_l_model_config": dict(config), "dtype": torch.float32})
+    if state_dict is not None:
+        missing, unexpected = clip.load_sd(state_dict)
+        # ComfyUI leaves unloaded layers uninitialised: a missing weight would be garbage, so refuse it.
+        missing = [k for k in missing if "position_ids" not in k and "text_projection" not in k]
+        if missing or unexpected:
+            raise ValueError(f"text encoder weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return clip
+
+
+def load_toy_clip(path) -> comfy.sd.CLIP:
+    """CLIP from a toy text-encoder file (size from its metadata)."""
+    sd, metadata = comfy.utils.load_torch_file(str(path), return_metadata=True)
+    if not metadata or CLIP_CONFIG_KEY not in metadata:
+        raise ValueError(f"{path} has no '{CLIP_CONFIG_KEY}' metadata: not a StreamV2V toy text encoder")
+    return clip_from_config(json.loads(metadata[CLIP_CONFIG_KEY]), sd)
+
+
+def load_toy_vae(path) -> comfy.sd.VAE:
+    """VAE from the toy TAESD file, exactly as core Load VAE does it."""
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
+    vae.throw_exception_if_invalid()
+    return vae
+
+
+def load_toy_model(folder=None, device=None):
+    """(MODEL, CLIP, VAE) of the toy model in ``folder`` (default the committed one)."""
+    files = toy_files(folder)
+    absent = [str(p) for p in files.values() if not p.is_file()]
+    if absent:
+        raise FileNotFoundError(f"toy model files missing: {absent}; make them with "
+                                f"`python scripts/train_toy_model.py` (see README)")
+    return load_toy_unet(files["unet"], device), load_toy_clip(files["clip"]), load_toy_vae(files["vae"])
