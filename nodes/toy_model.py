@@ -109,3 +109,80 @@ def load_toy_model(folder=None, device=None):
         raise FileNotFoundError(f"toy model files missing: {absent}; make them with "
                                 f"`python scripts/train_toy_model.py` (see README)")
     return load_toy_unet(files["unet"], device), load_toy_clip(files["clip"]), load_toy_vae(files["vae"])
+
+
+# --------------------------------------------------------------------------- single-file checkpoints
+
+UNET_PREFIX, CLIP_PREFIX, VAE_PREFIX = "model.diffusion_model.", "cond_stage_model.transformer.", "first_stage_model."
+
+
+def save_as_checkpoint(path, folder=None) -> None:
+    """Write the toy model as one SD1.5-layout checkpoint file (``model.diffusion_model.*``,
+    ``cond_stage_model.transformer.text_model.*``, ``first_stage_model.*``), text-encoder size in its metadata."""
+    from safetensors.torch import save_file
+
+    files = toy_files(folder)
+    sd = {}
+    for prefix, key in ((UNET_PREFIX, "unet"), (CLIP_PREFIX, "clip"), (VAE_PREFIX, "vae")):
+        part, metadata = comfy.utils.load_torch_file(str(files[key]), return_metadata=True)
+        sd.update({prefix + k: v for k, v in part.items()})
+        if key == "clip":
+            clip_metadata = {CLIP_CONFIG_KEY: metadata[CLIP_CONFIG_KEY]}
+    save_file(sd, str(path), metadata=clip_metadata)
+
+
+def load_checkpoint_file(path, device=None):
+    """(MODEL, CLIP, VAE) from a single-file checkpoint: core ComfyUI's loader first (any real SD1.5/SDXL/...
+    checkpoint), and for a small SD1.5-shaped one that core detection refuses (see the module docstring),
+    the same split by prefix core does, built as above."""
+    try:
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    except RuntimeError as core_error:
+        sd, metadata = comfy.utils.load_torch_file(str(path), return_metadata=True)
+        parts = {prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+                 for prefix in (UNET_PREFIX, CLIP_PREFIX, VAE_PREFIX)}
+        if not parts[UNET_PREFIX] or not (metadata or {}).get(CLIP_CONFIG_KEY):
+            raise core_error
+        unet = unet_from_state_dict(parts[UNET_PREFIX], device)
+        clip = clip_from_config(json.loads(metadata[CLIP_CONFIG_KEY]), parts[CLIP_PREFIX])
+        vae = comfy.sd.VAE(sd=parts[VAE_PREFIX])
+        vae.throw_exception_if_invalid()
+        return unet, clip, vae
+    if clip is None:
+        raise ValueError(f"{path} holds no text encoder: this demo needs a checkpoint with CLIP weights")
+    return model, clip, vae
+
+
+# --------------------------------------------------------------------------- the node
+
+from comfy_api.latest import io  # noqa: E402  (after the loaders, which need no node API)
+
+TOY_NAME = "streamv2v_toy (128 px, trained on the CPU)"
+
+
+class StreamV2VToyModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StreamV2VToyModel",
+            display_name="StreamV2V Toy Model",
+            category="StreamV2V",
+            description="The small model this pack trains itself on real clips (scripts/train_toy_model.py): a "
+                        "TAESD-shaped VAE, a small SD1.5-shaped UNet and a tiny CLIP text encoder. It knows two "
+                        "prompts, 'a photo' (the frame as it is) and 'a watercolor painting' (an OpenCV style), "
+                        "at 128x128. For trying workflows and measuring the bank where no real checkpoint is at "
+                        "hand; a real SD1.5 checkpoint goes through core Load Checkpoint as usual.",
+            inputs=[io.Combo.Input("model", options=[TOY_NAME], default=TOY_NAME,
+                                   tooltip="The committed toy model (scripts/toy_model/). Its VAE also loads "
+                                           "with core Load VAE.")],
+            outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP"),
+                     io.Vae.Output(display_name="VAE")],
+        )
+
+    @classmethod
+    def execute(cls, model=TOY_NAME) -> io.NodeOutput:
+        unet, clip, vae = load_toy_model()
+        return io.NodeOutput(unet, clip, vae)
+
+
+NODES = [StreamV2VToyModel]
