@@ -53,9 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=128, help="frame size (square, multiple of 64)")
     p.add_argument("--crop", type=int, default=48, help="autoencoder training crop (multiple of 8)")
     p.add_argument("--ae-steps", type=int, default=300)
-    p.add_argument("--unet-steps", type=int, default=1500)
+    p.add_argument("--unet-steps", type=int, default=400)
     p.add_argument("--ae-batch", type=int, default=8)
-    p.add_argument("--unet-batch", type=int, default=32)
+    p.add_argument("--unet-batch", type=int, default=16)
     p.add_argument("--frames", type=int, default=0, help="use only this many training frames (0: all)")
     p.add_argument("--synthetic", action="store_true", help="train on a generated texture instead of the clips")
     p.add_argument("--seed", type=int, default=0)
@@ -240,8 +240,12 @@ class Trainer:
         if not path.is_file():
             return
         state = torch.load(path, weights_only=False)
-        if state["settings"] != self._settings():
-            raise SystemExit(f"{path} was made with other settings ({state['settings']}); "
+        now, then = self._settings(), state["settings"]
+        unet_keys = ("unet_steps", "unet_batch")
+        # The UNet's settings may change until its first step (e.g. a shorter UNet phase after the autoencoder).
+        changed = [k for k in now if now[k] != then.get(k) and not (k in unet_keys and state["unet_step"] == 0)]
+        if changed:
+            raise SystemExit(f"{path} was made with other settings ({', '.join(f'{k}={then.get(k)}' for k in changed)}); "
                              f"remove it or pass another --work")
         self.taesd.load_state_dict(state["taesd"])
         self.model.diffusion_model.load_state_dict(state["unet"])
