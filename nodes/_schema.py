@@ -13,6 +13,7 @@ BANK_CATEGORY = "StreamV2V/Bank"
 SAMPLING_CATEGORY = "StreamV2V/Sampling"
 VIDEO_CATEGORY = "StreamV2V/Video"  # the loop, next-frame and webcam nodes
 METRICS_CATEGORY = "StreamV2V/Metrics"
+LOADER_CATEGORY = "StreamV2V/Loaders"  # the toy model
 
 
 def advanced(field):

@@ -224,7 +224,7 @@ class HintSource:
 
 
 def open_hint_reader(choice: ConditioningChoice, hint_video=None):
-    """The hint video's frame reader (``streamv2v_core.video_io`` protocol), or None for other hints."""
+    """The hint video's frame reader (``streamv2v_core.media.video_io`` protocol), or None for other hints."""
     if choice.control_hint != HINT_VIDEO:
         return None
     if hint_video is not None:

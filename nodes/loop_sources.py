@@ -52,7 +52,7 @@ class SourceChoice:
 
     def open(self, video: Any = None, session: BrowserSession | None = None, sizer: StreamSizer | None = None,
              status: Callable[[], NodeStatus] | None = None):
-        """An open reader (``streamv2v_core.video_io`` protocol); errors before any work.
+        """An open reader (``streamv2v_core.media.video_io`` protocol); errors before any work.
 
         A connected ``video`` is the source when ``source`` is "video file"; the browser
         source reads ``session`` and needs the stream's ``sizer`` and the node's ``status()``.

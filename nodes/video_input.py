@@ -22,7 +22,7 @@ log = logging.getLogger("streamv2v")
 
 
 def open_video(video):
-    """A frame source (see ``streamv2v_core.video_io``) for a ComfyUI VIDEO."""
+    """A frame source (see ``streamv2v_core.media.video_io``) for a ComfyUI VIDEO."""
     if type(video).get_stream_source is not Input.Video.get_stream_source:  # the base re-encodes everything
         source = _stream(video)
         if source is not None:

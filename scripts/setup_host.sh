@@ -97,21 +97,28 @@ if [[ ! -x /usr/bin/chromium ]]; then
 fi
 
 # ---------------------------------------------------------------- real footage (best effort)
-# tests/test_similarity_footage.py reads 30 frames of OpenCV's vtest.avi (people walking), from Debian's
-# opencv-doc package: only that 8 MB file is extracted into .cache/ (bench/clips.py finds it there).
+# Real clips from Debian's opencv-doc package, for tests/test_similarity_footage.py (vtest.avi, people walking),
+# the toy model's training, benchmarks and demo (vtest.avi, Megamind.avi: animation, tree.avi): only these three
+# files (10.6 MB) are extracted into .cache/ (bench/clips.py finds them there).
 CLIP_DIR="$REPO/.cache/opencv-doc/usr/share/doc/opencv-doc/examples/data"
-if [[ ! -f /usr/share/doc/opencv-doc/examples/data/vtest.avi && ! -f "$CLIP_DIR/vtest.avi" ]] \
-        && command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then
-    log "fetching vtest.avi from Debian's opencv-doc package (96 MB download, 8 MB kept)"
+CLIP_NAMES=(vtest.avi Megamind.avi tree.avi)
+missing_clips=()
+for name in "${CLIP_NAMES[@]}"; do
+    [[ -f "/usr/share/doc/opencv-doc/examples/data/$name" || -f "$CLIP_DIR/$name" ]] || missing_clips+=("$name")
+done
+if (( ${#missing_clips[@]} )) && command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then
+    log "fetching ${missing_clips[*]} from Debian's opencv-doc package (96 MB download, at most 11 MB kept)"
     clip_tmp="$(mktemp -d)"
     if (cd "$clip_tmp" && apt-get download opencv-doc >/dev/null 2>&1 \
             || { [[ "$(id -u)" == 0 ]] && apt-get update -qq >/dev/null 2>&1 && apt-get download opencv-doc >/dev/null 2>&1; }); then
         mkdir -p "$REPO/.cache/opencv-doc"
+        members=()
+        for name in "${missing_clips[@]}"; do members+=("./usr/share/doc/opencv-doc/examples/data/$name"); done
         dpkg-deb --fsys-tarfile "$clip_tmp"/opencv-doc_*.deb \
-            | tar -x -C "$REPO/.cache/opencv-doc" ./usr/share/doc/opencv-doc/examples/data/vtest.avi 2>/dev/null \
-            && log "vtest.avi ready" || log "could not extract vtest.avi: its test will be skipped"
+            | tar -x -C "$REPO/.cache/opencv-doc" "${members[@]}" 2>/dev/null \
+            && log "${missing_clips[*]} ready" || log "could not extract ${missing_clips[*]}: what needs them is skipped"
     else
-        log "opencv-doc could not be downloaded: the real-footage test will be skipped"
+        log "opencv-doc could not be downloaded: the real-footage test is skipped, the demo uses a generated clip"
     fi
     rm -rf "$clip_tmp"
 fi
