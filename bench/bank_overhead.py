@@ -33,6 +33,7 @@ Usage: ``python bench/bank_overhead.py --device cpu --size 128 --frames 4 --thre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -41,6 +42,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 
 VARIANTS = [("no bank", None, 0), ("queue(1)", "queue", 1), ("queue(2)", "queue", 2), ("queue(4)", "queue", 4),
             ("DyMe(1)", "dyme", 1)]
@@ -155,6 +157,39 @@ def sync(device: str) -> None:
     if device == "cuda":
         import torch
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def cuda_sync_warnings(torch, device: str, log: list):
+    """Collects into ``log`` the warnings CUDA's sync debug mode gives for each host-device sync inside
+    (nothing elsewhere than on CUDA)."""
+    if device != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    log.extend(w for w in caught if "synchroniz" in str(w.message))
+
+
+def controlnet(model, torch, dtype, device):
+    """A ComfyUI ControlNet with the UNet's encoder layout, random weights (its zero convs too), pixel hints."""
+    import inspect
+
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    from host import tiny_models as tm
+
+    accepted = inspect.signature(comfy.cldm.cldm.ControlNet.__init__).parameters
+    config = {k: v for k, v in model.model.model_config.unet_config.items() if k in accepted and k != "out_channels"}
+    config.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=dtype, device="cpu")
+    net = tm.init_params_(comfy.cldm.cldm.ControlNet(**config), 5)  # N(0, 1/fan_in): zero convs made non-zero
+    return comfy.controlnet.ControlNet(net, load_device=torch.device(device))
 
 
 # CPU memory: the kernel's peak-RSS mark, reset on demand.

@@ -26,9 +26,8 @@ import logging
 import os
 import platform
 import time
-import warnings
 
-from bank_overhead import command_line, device_name, moving_texture, patched, setup, sync, table, write_report
+from bank_overhead import command_line, controlnet, cuda_sync_warnings, device_name, moving_texture, patched, setup, sync, table, write_report
 
 STEPS = 4
 BANKS = ("no bank", "DyMe(1) interval 4", "DyMe(1) + ControlNet")
@@ -38,22 +37,6 @@ GUIDANCE = (("cfg 1", 1.0, "full CFG", None), ("full CFG, cfg 2", 2.0, "full CFG
             ("RCFG, cfg 2", 2.0, "residual self-negative", None))
 HEADER = ["bank", "compile", "guidance", "fps", "ms / frame", "latency ms", "latency frames", "syncs / frame",
           "peak GPU memory", "warm-up s", "compiles"]
-
-
-def controlnet(model, torch, dtype, device):
-    """A ComfyUI ControlNet with the UNet's encoder layout, random weights (its zero convs too), pixel hints."""
-    import inspect
-
-    import comfy.cldm.cldm
-    import comfy.controlnet
-    import comfy.ops
-    from host import tiny_models as tm
-
-    accepted = inspect.signature(comfy.cldm.cldm.ControlNet.__init__).parameters
-    config = {k: v for k, v in model.model.model_config.unet_config.items() if k in accepted and k != "out_channels"}
-    config.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=dtype, device="cpu")
-    net = tm.init_params_(comfy.cldm.cldm.ControlNet(**config), 5)  # N(0, 1/fan_in): zero convs made non-zero
-    return comfy.controlnet.ControlNet(net, load_device=torch.device(device))
 
 
 def build(args, torch, dtype) -> dict:
@@ -103,14 +86,10 @@ class Clock:
 def sync_count(torch, device: str, result: list):
     """Counts host-device syncs inside: CUDA's own sync debug mode, or the CPU counters of ``counting.py``."""
     if device == "cuda":
-        torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                yield
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        result.append(sum("synchroniz" in str(w.message) for w in caught))
+        caught = []
+        with cuda_sync_warnings(torch, device, caught):
+            yield
+        result.append(len(caught))
         return
     from streamv2v.streamv2v_core.counting import SyncCounter
 

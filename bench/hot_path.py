@@ -36,12 +36,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-import warnings
 
-from bank_overhead import build_unet, conditioning, device_name, moving_texture, parse_common, setup, sync
+from bank_overhead import build_unet, conditioning, controlnet, cuda_sync_warnings, device_name, moving_texture, parse_common, setup, sync
 
+CONTROLNET = "DyMe(1) interval 4 + ControlNet"  # a ControlNet of the UNet's layout, one hint
 BANKS = [("no bank", None, 0, 0), ("DyMe(1) interval 4", "dyme", 1, 4), ("DyMe(1) interval 1", "dyme", 1, 1),
-         ("queue(4) interval 4", "queue", 4, 4)]
+         ("queue(4) interval 4", "queue", 4, 4), (CONTROLNET, "dyme", 1, 4)]
 PATHS = ("stream batch", "per-frame runs, frames in flight", "per-frame runs, drained")
 STEPS = 4
 
@@ -71,7 +71,7 @@ class VaeClock:
     """Time spent encoding and decoding (the bench times DeviceCodec; the engine itself is not changed)."""
 
     def __init__(self, device):
-        from streamv2v.nodes import device_vae
+        from streamv2v.nodes.engine import device_vae
 
         self.device, self.seconds = device, 0.0
         for name in ("encode", "decode"):
@@ -113,6 +113,15 @@ def bank_model(model, label, mode, size, interval):
     return FeatureFusionPatch.execute(model, handle, 0.75, 0.9, "low-res decoder").args[0], handle
 
 
+def with_controlnet(args, torch, unet, cond):
+    """``cond`` with a ControlNet applied (core Apply ControlNet, strength 1, one hint for every frame)."""
+    from nodes import ControlNetApplyAdvanced
+
+    hint = next(moving_texture(args.size, 1, seed=9)).unsqueeze(0)
+    net = controlnet(unet, torch, unet.model_dtype(), args.device)
+    return ControlNetApplyAdvanced().apply_controlnet(cond, cond, net, hint, 1.0, 0.0, 1.0)[0]
+
+
 def run_path(path, model, cond, vae, frames, state_key):
     """Run ``frames`` through the engine along ``path``; returns the number of outputs."""
     from streamv2v.nodes.engine import CONTINUE, IN_FLIGHT, StreamSettings, run_stream
@@ -132,6 +141,8 @@ def measure(args, torch, unet, vae, cond, label, mode, size, interval, path, fra
     from streamv2v.streamv2v_core.counting import OpCounter, SyncCounter
 
     probe = Probe(args.device)
+    if label == CONTROLNET:
+        cond = with_controlnet(args, torch, unet, cond)
     model, handle = bank_model(unet, label, mode, size, interval)
     model = probed(model, probe)
     key = f"hot {label} {path}"
@@ -145,7 +156,7 @@ def measure(args, torch, unet, vae, cond, label, mode, size, interval, path, fra
     ops, syncs = OpCounter(), SyncCounter()
     probe.counters, probe.calls = (ops, syncs), 0
     cuda_syncs = []
-    with syncs, ops, _cuda_sync_log(torch, args.device, cuda_syncs):
+    with syncs, ops, cuda_sync_warnings(torch, args.device, cuda_syncs):
         outputs = run_path(path, model, cond, vae, frames, key)
     calls = probe.calls
     probe.counters = ()
@@ -169,21 +180,6 @@ def measure(args, torch, unet, vae, cond, label, mode, size, interval, path, fra
     wall = time.perf_counter() - started
     probe.timing, VAE_CLOCK.running = False, False
     return counts, wall / outputs, (wall - probe.inside - VAE_CLOCK.seconds) / outputs
-
-
-@contextlib.contextmanager
-def _cuda_sync_log(torch, device, log):
-    if device != "cuda":
-        yield
-        return
-    torch.cuda.set_sync_debug_mode("warn")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    log.extend(w for w in caught if "synchroniz" in str(w.message))
 
 
 def floor(args, torch, unet, vae, cond):

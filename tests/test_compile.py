@@ -192,3 +192,49 @@ def test_graph_variants_are_bounded_and_steady_state_never_recompiles():
     assert counters["frames"]["total"] == 5 and not counters["graph_break"], dict(counters["graph_break"])
     for compiled, eager in zip(outputs[DEFAULT], outputs[OFF]):
         torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
+def test_per_frame_prompts_hints_strengths_and_live_alpha_vary_data_not_graphs():
+    """What per-frame conditioning passes each call (each frame's prompt rows, ControlNet hint, control scale and
+    a live FF alpha) is data: after the first fresh run met its layouts, a stream whose every frame carries other
+    values compiles nothing new (no graph for a value), and the compiled frames equal the eager ones."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from nodes import ControlNetApplyAdvanced
+    from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch
+    from streamv2v.nodes.engine import FRESH
+    from streamv2v.streamv2v_core import BANKS
+    from streamv2v.streamv2v_core.stream.conditioning import FrameConditioning
+
+    BANKS.remove("compile-per-frame")
+    handle = FeatureBankNode.execute("compile-per-frame", "dyme", 1, 2, 0).args[0]
+    model = ExtendedAttentionPatch.execute(tiny_models.tiny_sd15_model(0), handle, "all").args[0]
+    model = FeatureFusionPatch.execute(model, handle, 0.75, 0.9, "low-res decoder").args[0]
+    vae, cond = tiny_models.tiny_taesd_vae(1), tiny_models.random_conditioning("sd15", 1)
+    g = torch.Generator().manual_seed(4)
+    images, hints = torch.rand(8, 64, 64, 3, generator=g), torch.rand(8, 64, 64, 3, generator=g)
+    prompts = [[[cond[0][0] + 0.1 * i, {}]] for i in range(8)]
+    pos, _ = ControlNetApplyAdvanced().apply_controlnet(cond, cond, tiny_models.tiny_controlnet(3), hints[:1],
+                                                        1.0, 0.0, 1.0)
+
+    def stream(mode, shift):
+        def frame(index, image):  # frame i: its own prompt, hint, strength and alpha
+            return FrameConditioning(positive=[[prompts[index][0][0] + shift, {}]], hint=hints[index:index + 1],
+                                     control_scale=0.5 + 0.1 * index + shift,
+                                     fusion_alpha=0.5 + 0.05 * index + shift)
+        out = []
+        run_stream(model, pos, pos, vae, iter(images), StreamSettings(steps=2, bank_start=FRESH, compile=mode),
+                   lambda i, image: out.append(image), conditioning=frame)
+        return torch.stack(out)
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = stream(OFF, 0.013)
+    stream(DEFAULT, 0.0)  # every layout met (a layout's first call runs eagerly)
+    stream(DEFAULT, 0.0)  # every layout compiled
+    before = counters["stats"]["unique_graphs"]
+    compiled = stream(DEFAULT, 0.013)  # other prompts, hints, strengths and alphas
+    assert before > 0 and counters["stats"]["unique_graphs"] == before, "a per-frame value made a graph of its own"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)

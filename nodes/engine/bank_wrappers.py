@@ -69,7 +69,7 @@ class BankCallWrapper:
         if plan is None:  # a plain sampler: its frame's writes wait for the end of the run (FrameCounter)
             plan = sampler_plan(bank, transformer_options, t, x.shape[0])
             frame = (transformer_options.get(FRAME_WRITES_KEY) or {}).get(self.handle.name)
-        call = BankCall(bank, plan, transformer_options.get("cond_or_uncond"), x.shape[0], frame)
+        call = BankCall(bank, plan, transformer_options.get("cond_or_uncond"), x.shape[0], frame, like=x)
         calls = {**(transformer_options.get(CALLS_KEY) or {}), self.handle.name: call}
         out = executor(x, t, c_concat, c_crossattn, control, {**transformer_options, CALLS_KEY: calls}, **kwargs)
         call.flush()

@@ -43,7 +43,13 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def feature_fusion(out: torch.Tensor, bank: torch.Tensor, alpha: float, threshold: float,
+def decision_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision FF decides its threshold in: float32 at least, float64 for float64 features.
+    (Host logic: ``torch.promote_types`` would be dispatched as an operator on every call.)"""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def feature_fusion(out: torch.Tensor, bank: torch.Tensor, alpha: "float | torch.Tensor", threshold: float,
                    bank_unit: torch.Tensor | None = None) -> torch.Tensor:
     """Fuse each output token with its cosine nearest neighbour in the bank (eq. 2), in one pass.
 
@@ -55,7 +61,7 @@ def feature_fusion(out: torch.Tensor, bank: torch.Tensor, alpha: float, threshol
     ``threshold``, where the token stays unchanged.
     """
     if bank_unit is None:  # decided in float32 at least, in float64 for float64 features
-        bank_unit = unit(bank.to(torch.promote_types(bank.dtype, torch.float32)))
+        bank_unit = unit(bank.to(decision_dtype(bank.dtype)))
     similarity = torch.bmm(unit(out.to(bank_unit.dtype)), bank_unit.transpose(1, 2))
     best, nearest = similarity.max(dim=-1)
     matched = torch.gather(bank, 1, nearest.unsqueeze(-1).expand(-1, -1, out.shape[-1])).to(out.dtype)

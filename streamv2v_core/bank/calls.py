@@ -66,10 +66,13 @@ class BankCall:
     bank: the bank; plan: the driver's ``RowPlan``; flags: ``cond_or_uncond`` (one flag per
     chunk); rows: the call's batch size (a multiple of ``len(flags)``). frame: the ``FrameWrites``
     of a frame that spans several calls of a plain sampler; ``flush()`` then hands the writes to
-    it instead of the bank, so no call of the frame reads what the frame itself wrote.
+    it instead of the bank, so no call of the frame reads what the frame itself wrote. like: the
+    call's input ``x``; a live FF alpha becomes a 0-d tensor of its device and dtype (data, not a
+    Python constant, so a compiled graph does not specialise on its value).
     """
 
-    def __init__(self, bank: FeatureBank, plan: RowPlan, flags, rows: int, frame: "FrameWrites | None" = None):
+    def __init__(self, bank: FeatureBank, plan: RowPlan, flags, rows: int, frame: "FrameWrites | None" = None,
+                 like: torch.Tensor | None = None):
         flags = [int(f) for f in (flags or [0])]
         per_chunk = rows // len(flags)
         if per_chunk * len(flags) != rows or len(plan.frames) != per_chunk or len(plan.steps) != per_chunk:
@@ -77,7 +80,10 @@ class BankCall:
                              f"in {len(flags)} chunks")
         slots = plan.slots or (0,) * per_chunk
         self.bank, self.frame = bank, frame
-        self.fusion_alpha = plan.fusion_alpha
+        self.fusion_alpha = None
+        if plan.fusion_alpha is not None:
+            self.fusion_alpha = torch.tensor(float(plan.fusion_alpha), dtype=like.dtype if like is not None else None,
+                                             device=like.device if like is not None else None)
         self.rows = [(flag, plan.steps[j], slots[j], plan.frames[j]) for flag in flags for j in range(per_chunk)]
         self.geometry = (max(flags) + 1, plan.total_steps, max(slots) + 1)
         self.deepest: dict[tuple, int] = {}  # latent (H, W) -> deepest resolution level seen in this call
@@ -152,10 +158,10 @@ class BankCall:
         """EA's value side when another patch made it differ from the context: ``values`` padded alike."""
         return self.extend(layer, values, stage=False)
 
-    def fuse(self, layer, out: torch.Tensor, alpha: float, threshold: float) -> torch.Tensor:
+    def fuse(self, layer, out: torch.Tensor, alpha: "float | torch.Tensor", threshold: float) -> torch.Tensor:
         """FF: each row of ``out`` ``[R, T, C]`` fused with its nearest banked output (eq. 2)."""
         if self.fusion_alpha is not None:
-            alpha = self.fusion_alpha
+            alpha = self.fusion_alpha.to(out.dtype)
         self._stage("o", layer, out)
         segments = self._readable("o", layer, out)
         if segments is None:

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..seeds import generator
-from .merging import Matching, apply_matching, random_bipartite_matching
 from ..registry import Registry
+from ..seeds import generator
+from .attention import decision_dtype
+from .merging import Matching, apply_matching, random_bipartite_matching
 from .runs import arithmetic_runs
 
 log = logging.getLogger("streamv2v")
@@ -263,7 +264,7 @@ class FeatureBank:
             sl = slice(first, first + (count - 1) * stride + 1, stride)
             # In float32 at least, in float64 for a float64 bank (FF's threshold is decided in this precision).
             part = source[:, sl]
-            part = part.to(torch.promote_types(part.dtype, torch.float32))
+            part = part.to(decision_dtype(part.dtype))
             target[:, sl] = torch.nn.functional.normalize(part, dim=-1).to(target.dtype)
 
     def _action(self, name: str, w: KeyWrite) -> tuple[int, str, int]:
