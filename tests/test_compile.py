@@ -1,4 +1,4 @@
-"""The compiled UNet path (``nodes/compiled_unet.py``): modes, old workflows' booleans, and which errors fall back.
+"""The compiled UNet path (``nodes/engine/compiled_unet.py``): modes, old workflows' booleans, and which errors fall back.
 
 Compiled with dynamo's ``eager`` backend (tracing only: the same guards, graphs and error paths as inductor,
 without generating code). Errors are injected by test patches inside the compiled call.
