@@ -6,8 +6,5 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-setup_out="$(bash "$REPO/scripts/setup_host.sh")"
-VENV="$(printf '%s\n' "$setup_out" | sed -n 's/^VENV=//p')"
-COMFYUI_PATH="$(printf '%s\n' "$setup_out" | sed -n 's/^COMFYUI_PATH=//p')"
-export COMFYUI_PATH
+source "$REPO/scripts/host_env.sh"
 exec "$VENV/bin/python" bench/gpu_check.py --device cuda "$@"

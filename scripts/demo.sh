@@ -5,8 +5,5 @@
 # bank, writes a side-by-side MP4 and prints (and saves) the metrics and what they show.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-setup_out="$(bash "$REPO/scripts/setup_host.sh")"
-VENV="$(printf '%s\n' "$setup_out" | sed -n 's/^VENV=//p')"
-COMFYUI_PATH="$(printf '%s\n' "$setup_out" | sed -n 's/^COMFYUI_PATH=//p')"
-export COMFYUI_PATH
+source "$REPO/scripts/host_env.sh"
 exec "$VENV/bin/python" -P "$REPO/scripts/demo.py" "$@"

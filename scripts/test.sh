@@ -7,10 +7,8 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
-setup_out="$(bash "$REPO/scripts/setup_host.sh")"
-VENV="$(printf '%s\n' "$setup_out" | sed -n 's/^VENV=//p')"
-COMFYUI_PATH="$(printf '%s\n' "$setup_out" | sed -n 's/^COMFYUI_PATH=//p')"
-export STREAMV2V_VENV="$VENV" COMFYUI_PATH
+source "$REPO/scripts/host_env.sh"
+export STREAMV2V_VENV="$VENV"
 
 # -P: do not put the current directory (the repo root) on sys.path; tests/conftest.py loads
 # the pack as the package `streamv2v` instead.

@@ -20,8 +20,8 @@ call, each at its own step) sees what sequential sampling sees.
 """
 from __future__ import annotations
 
-import logging
 import itertools
+import logging
 import threading
 from dataclasses import dataclass
 
