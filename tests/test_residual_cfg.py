@@ -131,3 +131,29 @@ def test_stream_batch_equals_sequential_with_residual_cfg(host, mode):
     batched = stream(banked(model, f"rcfg-{mode}"), vae, pos, neg, frames, guidance=mode, bank_start=FRESH)
     sequential = stream(banked(model, f"rcfg-{mode}"), vae, pos, neg, frames, guidance=mode, stream_batch=False)
     torch.testing.assert_close(batched, sequential, rtol=0, atol=1e-4)
+
+
+def test_guidance_in_a_server_queue_with_edits_and_a_cached_requeue(comfy_server):
+    """As users work: one server, a loop with residual self-negative guidance at cfg 2 (non-default), re-queued
+    unchanged (cached: nothing runs, no new file), then edited to full CFG and to one-time negative (each runs
+    again and gives other frames)."""
+    from host.clips import make_clip, read_back
+    from host.prompts import loop_prompt
+
+    make_clip(comfy_server.input_dir / "rcfg.mp4", frames=6, tone=False)
+    prompt = loop_prompt("rcfg/self", file="rcfg.mp4", cfg=2.0, guidance=SELF_NEGATIVE, max_frames=6)
+    videos = {}
+    comfy_server.run(prompt)
+    files = sorted(comfy_server.output_dir.rglob("*.mp4"))
+    entry = comfy_server.run(prompt)
+    cached = {n for kind, data in entry["status"]["messages"] if kind == "execution_cached" for n in data["nodes"]}
+    assert cached == set(prompt) and sorted(comfy_server.output_dir.rglob("*.mp4")) == files
+    videos["self"] = read_back(max(comfy_server.output_dir.glob("rcfg/self*.mp4")))[0]
+    for label, mode in (("full", "full CFG"), ("once", ONE_TIME_NEGATIVE)):
+        prompt["3"]["inputs"].update(guidance=mode, filename_prefix=f"rcfg/{label}")
+        comfy_server.run(prompt)
+        videos[label] = read_back(max(comfy_server.output_dir.glob(f"rcfg/{label}*.mp4")))[0]
+    for label in ("full", "once"):
+        assert videos[label].shape == videos["self"].shape
+        diff = abs(videos[label].astype(float) - videos["self"].astype(float)).mean()
+        assert diff > 0.5, f"{label} gave the self-negative frames (mean difference {diff:.3f} / 255)"
