@@ -150,7 +150,7 @@ def run_frames(model, cond, vae, frames, stream_batch: bool = True, steps: int =
     from streamv2v.nodes.engine import StreamSettings, run_stream
 
     settings = StreamSettings(seed=0, steps=steps, strength=0.4, cfg=1.0, stream_batch=stream_batch, compile=compile)
-    return run_stream(model, cond, cond, vae, frames, settings, lambda i, image: None)
+    return run_stream(model, cond, cond, vae, frames, settings, lambda out: None).frames_out
 
 
 def sync(device: str) -> None:

@@ -85,12 +85,12 @@ def first_runs(args, torch, model, cond, vae, mode: str, counters) -> dict:
     probed.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "bench.probe", probe)
     started = time.perf_counter()
     run_stream(probed, cond, cond, vae, moving_texture(args.size, args.frames),
-               StreamSettings(steps=STEPS, bank_start=FRESH, compile=mode), lambda i, image: None, stream_key=mode)
+               StreamSettings(steps=STEPS, bank_start=FRESH, compile=mode), lambda out: None, stream_key=mode)
     first_run = time.perf_counter() - started
     fresh = list(probe.calls)
     probe.calls.clear()
     run_stream(probed, cond, cond, vae, moving_texture(args.size, args.refill, seed=1),
-               StreamSettings(steps=STEPS, bank_start=IN_FLIGHT, compile=mode), lambda i, image: None,
+               StreamSettings(steps=STEPS, bank_start=IN_FLIGHT, compile=mode), lambda out: None,
                stream_key=mode)
     refill = list(probe.calls)
     probe.timing = False
@@ -112,7 +112,7 @@ def timed_rounds(args, torch, results: dict, cond, vae, counters) -> dict:
             sync(args.device)
             started = time.perf_counter()
             run_stream(results[mode]["probed"], cond, cond, vae, moving_texture(args.size, args.timed, seed=2 + r),
-                       StreamSettings(steps=STEPS, bank_start=IN_FLIGHT, compile=mode), lambda i, image: None,
+                       StreamSettings(steps=STEPS, bank_start=IN_FLIGHT, compile=mode), lambda out: None,
                        stream_key=mode)
             sync(args.device)
             seconds[mode] += time.perf_counter() - started

@@ -76,7 +76,8 @@ class Clock:
             self.pulled.append(time.perf_counter())
             yield frame
 
-    def sink(self, index: int, image) -> None:
+    def sink(self, out) -> None:
+        index = out.index
         frame = index - (STEPS - 1)  # with frames in flight, output i is frame i - (S - 1)
         if frame >= 0:
             self.latency.append((1000 * (time.perf_counter() - self.pulled[frame]), len(self.pulled) - 1 - frame))
@@ -115,7 +116,7 @@ def measure_row(args, torch, parts: dict, bank: str, mode: str, settings, counte
         sync("cuda")
         torch.cuda.reset_peak_memory_stats()
 
-    def run(frames, sink=lambda i, image: None):
+    def run(frames, sink=lambda out: None):
         return run_stream(model, pos, neg, vae, frames, settings, sink, stream_key=key)
 
     compiles = counters["frames"]["total"]

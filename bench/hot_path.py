@@ -128,11 +128,12 @@ def run_path(path, model, cond, vae, frames, state_key):
 
     if path == "stream batch":
         settings = StreamSettings(steps=STEPS, bank_start=IN_FLIGHT)
-        return run_stream(model, cond, cond, vae, iter(frames), settings, lambda i, im: None, stream_key=state_key)
+        return run_stream(model, cond, cond, vae, iter(frames), settings, lambda out: None,
+                          stream_key=state_key).frames_out
     start = IN_FLIGHT if "in flight" in path else CONTINUE
     settings = StreamSettings(steps=STEPS, bank_start=start)
-    return sum(run_stream(model, cond, cond, vae, iter([f]), settings, lambda i, im: None, stream_key=state_key)
-               for f in frames)
+    return sum(run_stream(model, cond, cond, vae, iter([f]), settings, lambda out: None,
+                          stream_key=state_key).frames_out for f in frames)
 
 
 def measure(args, torch, unet, vae, cond, label, mode, size, interval, path, frames):
@@ -149,7 +150,7 @@ def measure(args, torch, unet, vae, cond, label, mode, size, interval, path, fra
     # Fill: the bank reaches its steady state and the pipeline is full before anything is counted.
     warm = list(moving_texture(args.size, max(STEPS, size * interval + STEPS), seed=1))
     run_stream(model, cond, cond, vae, iter(warm), StreamSettings(steps=STEPS, bank_start=FRESH),
-               lambda i, im: None, stream_key=key)
+               lambda out: None, stream_key=key)
     if path != "per-frame runs, drained":
         run_path(path, model, cond, vae, warm[:STEPS], key)  # leave STEPS - 1 frames in flight
 

@@ -46,7 +46,7 @@ def run_one(args) -> None:
     from host.clips import make_clip
     from streamv2v.nodes import node_status
     from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch
-    from streamv2v.nodes.loop_node import StreamV2VLoop
+    from streamv2v.nodes.loop.node import StreamV2VLoop
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="streamv2v_bench_"))
     (work / "input").mkdir()

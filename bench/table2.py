@@ -194,7 +194,8 @@ def run_row(model, vae, positive, negative, clip, settings, meter_device, warmup
     outputs = [None] * clip.shape[0]
     stamps = []
 
-    def on_output(index, image):
+    def on_output(out):
+        index, image = out.index, out.image
         if meter_device == "cuda":
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())

@@ -92,8 +92,8 @@ class Toy:
         model = self.model if bank is None else bank
         outputs = [None] * frames.shape[0]
 
-        def keep(index, image):
-            outputs[index] = image.float().cpu().clamp(0, 1)
+        def keep(out):
+            outputs[out.index] = out.image.float().cpu().clamp(0, 1)
 
         settings = StreamSettings(seed=seed, steps=STEPS, stream_batch=stream_batch, fixed_noise=fixed_noise)
         with torch.inference_mode():

@@ -6,8 +6,7 @@ from dataclasses import fields
 from comfy_api.latest import io
 
 from ..streamv2v_core.stream.guidance import FULL, GUIDANCE_CHOICES, ONE_TIME_NEGATIVE, SELF_NEGATIVE
-from .engine import BANK_START_CHOICES, CONTINUE, FRESH, IN_FLIGHT
-from .engine.compiled_unet import COMPILE_MODES, CUDA_GRAPHS, DEFAULT, OFF
+from .engine import BANK_START_CHOICES, COMPILE_MODES, CONTINUE, CUDA_GRAPHS, DEFAULT, FRESH, IN_FLIGHT, OFF
 
 BANK_CATEGORY = "StreamV2V/Bank"
 SAMPLING_CATEGORY = "StreamV2V/Sampling"
@@ -29,14 +28,21 @@ def advanced(field):
     return field
 
 
-def stream_inputs() -> list:
-    """Inputs shared by every node that runs the stream engine (defaults from the paper)."""
+def model_inputs() -> list:
+    """model, positive, negative, vae: what every node that runs the stream engine restyles with."""
     return [
         io.Model.Input("model", tooltip="An SD1.5/SDXL model, usually with an LCM LoRA; patch it with the "
                                         "StreamV2V attention/fusion nodes to use a feature bank."),
         io.Conditioning.Input("positive", tooltip="The prompt that restyles the video."),
         io.Conditioning.Input("negative", tooltip="Only used when cfg is above 1."),
         io.Vae.Input("vae", tooltip="Encodes and decodes every frame; TAESD is much faster."),
+    ]
+
+
+def stream_inputs() -> list:
+    """The stream engine's settings shared by the sampler and the loop (defaults from the paper); the names
+    are ``nodes.engine.StreamSettings``' fields."""
+    return [
         io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                      tooltip="Seed of the noise added to every frame."),
         io.Int.Input("steps", default=4, min=1, max=50, tooltip="Denoising steps per frame (4 for LCM)."),
@@ -99,7 +105,28 @@ def guidance_inputs() -> list:
     ]
 
 
-def from_inputs(cls, inputs: dict):
-    """A ``cls`` dataclass from the node inputs it has fields for (missing ones keep their defaults)."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in inputs.items() if k in names and v is not None})
+class NodeInputs:
+    """A node's keyword inputs handed out by name: each dataclass takes the inputs it has fields for, ``take``
+    takes single ones, and ``check_all_taken`` refuses names nothing took (a renamed field or input that
+    would otherwise fall back to its default without a word)."""
+
+    def __init__(self, who: str, inputs: dict):
+        self.who, self.left = who, dict(inputs)
+
+    def build(self, cls):
+        """A ``cls`` dataclass from the inputs named as its fields (missing or None ones keep their defaults)."""
+        names = {f.name for f in fields(cls)}
+        picked = {k: self.left.pop(k) for k in list(self.left) if k in names}
+        return cls(**{k: v for k, v in picked.items() if v is not None})
+
+    def take(self, name: str, default=None):
+        """One input by name (``default`` when it was not given or is None)."""
+        value = self.left.pop(name, None)
+        return default if value is None else value
+
+    def check_all_taken(self) -> None:
+        if self.left:
+            # ComfyUI passes only inputs the schema declares: one nothing took is the pack's own mistake.
+            raise TypeError(f"{self.who} does not use its input(s) {', '.join(sorted(self.left))}: a bug in the "
+                            f"StreamV2V pack, please report it")
+

@@ -6,8 +6,7 @@ from comfy_api.latest import io
 from ..streamv2v_core.bank.storage import MODES, BankConfig, BankHandle, check_bank_name
 from ..streamv2v_core.bank.patches import ALL, BLOCK_CHOICES, LOW_RES_DECODER, ExtendedAttention, FeatureFusion
 from ._schema import BANK_CATEGORY, advanced
-from .engine import bank_status
-from .engine.bank_wrappers import patched_clone
+from .engine import bank_status, patched_clone
 
 Bank = io.Custom("STREAMV2V_BANK")
 

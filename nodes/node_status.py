@@ -8,9 +8,7 @@ import torch
 
 import comfy.utils
 
-from .previews import Throttle, preview_of
-
-PREVIEW_INTERVAL_S = 0.1  # previews and texts at most this often: encoding one per frame costs real time
+from .previews import PREVIEW_INTERVAL_S, Throttle, preview_of
 
 
 class NodeStatus:

@@ -10,7 +10,7 @@ from PIL import Image
 from ..streamv2v_core.media.frames import to_uint8
 
 PREVIEW_SIZE = 512
-PREVIEW_INTERVAL_S = 0.25  # previews at most four times a second: each costs an encode
+PREVIEW_INTERVAL_S = 0.25  # previews and status texts at most four times a second: each preview costs an encode
 
 
 def preview_of(image: torch.Tensor | np.ndarray, max_size: int = PREVIEW_SIZE):

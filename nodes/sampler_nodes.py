@@ -8,9 +8,9 @@ import comfy.utils
 
 from .node_status import node_id_of
 from .previews import PREVIEW_INTERVAL_S, Throttle, preview_of
-from ._schema import SAMPLING_CATEGORY, from_inputs, guidance_inputs, stream_inputs
-from .engine import StreamSettings, run_stream
-from .engine.compiled_unet import OFF
+from ._schema import SAMPLING_CATEGORY, NodeInputs, guidance_inputs, model_inputs, stream_inputs
+from ..streamv2v_core.stream.frame import Output
+from .engine import OFF, StreamSettings, run_stream
 
 
 class StreamV2VSampler(io.ComfyNode):
@@ -22,9 +22,9 @@ class StreamV2VSampler(io.ComfyNode):
             category=SAMPLING_CATEGORY,
             description="Restyles frames in order with SDEdit + LCM and StreamDiffusion's stream batch. "
                         "Output frame i belongs to input frame i.",
-            inputs=[*stream_inputs()[:4],
+            inputs=[*model_inputs(),
                     io.Image.Input("images", tooltip="The video frames, in order (an IMAGE batch)."),
-                    *stream_inputs()[4:],
+                    *stream_inputs(),
                     *guidance_inputs()],
             outputs=[io.Image.Output(display_name="images", tooltip="The restyled frames, same count and order.")],
             hidden=[io.Hidden.unique_id],
@@ -42,7 +42,9 @@ class StreamV2VSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, vae, images, **kwargs) -> io.NodeOutput:
-        settings = from_inputs(StreamSettings, kwargs)
+        inputs = NodeInputs("StreamV2V Sampler", kwargs)
+        settings = inputs.build(StreamSettings)
+        inputs.check_all_taken()
         settings.check()
         if images is None or images.shape[0] == 0:
             raise ValueError("StreamV2VSampler got an empty image batch: connect a video or image loader")
@@ -51,9 +53,10 @@ class StreamV2VSampler(io.ComfyNode):
         progress = comfy.utils.ProgressBar(total)
         previews = Throttle(PREVIEW_INTERVAL_S)  # a few previews a second: each costs an encode
 
-        def on_output(index: int, image: torch.Tensor) -> None:
-            outputs[index] = image
-            preview = preview_of(image) if previews.due(final=index + 1 == total) else None
+        def on_output(out: Output) -> None:
+            index = out.index
+            outputs[index] = out.image
+            preview = preview_of(out.image) if previews.due(final=index + 1 == total) else None
             progress.update_absolute(index + 1, total, preview)
 
         node_id = node_id_of(cls)

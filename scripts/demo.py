@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 import folder_paths  # noqa: E402
 from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch  # noqa: E402
-from streamv2v.nodes.loop_node import StreamV2VLoop  # noqa: E402
+from streamv2v.nodes.loop.node import StreamV2VLoop  # noqa: E402
 from streamv2v.nodes.toy_model import load_checkpoint_file, load_toy_model  # noqa: E402
 from streamv2v.streamv2v_core.metrics import warp_error  # noqa: E402
 from streamv2v.streamv2v_core.media.mp4_writer import Mp4Writer  # noqa: E402

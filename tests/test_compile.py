@@ -12,7 +12,7 @@ import comfy.model_management
 from host import tiny_models
 from streamv2v.nodes.engine import compiled_unet
 from streamv2v.nodes.engine.compiled_unet import CUDA_GRAPHS, DEFAULT, OFF, compile_mode, device_mode
-from streamv2v.nodes.loop_node import StreamV2VLoop
+from streamv2v.nodes.loop.node import StreamV2VLoop
 from streamv2v.nodes.sampler_nodes import StreamV2VSampler
 from streamv2v.nodes.engine import StreamSettings, run_stream
 
@@ -45,7 +45,7 @@ def run(model, parts, mode=DEFAULT, n=2):
     _, vae, cond = parts
     outputs = []
     run_stream(model, cond, cond, vae, iter(frames(n)), StreamSettings(seed=1, compile=mode),
-               lambda i, image: outputs.append(image))
+               lambda out: outputs.append(out.image))
     return torch.stack(outputs)
 
 
@@ -177,7 +177,7 @@ def test_graph_variants_are_bounded_and_steady_state_never_recompiles():
     def stream(mode, start, images):
         out = []
         run_stream(model, cond, cond, vae, iter(images), StreamSettings(steps=2, bank_start=start, compile=mode),
-                   lambda i, image: out.append(image))
+                   lambda o: out.append(o.image))
         return torch.stack(out)
 
     torch._dynamo.reset()
@@ -219,13 +219,14 @@ def test_per_frame_prompts_hints_strengths_and_live_alpha_vary_data_not_graphs()
                                                         1.0, 0.0, 1.0)
 
     def stream(mode, shift):
-        def frame(index, image):  # frame i: its own prompt, hint, strength and alpha
+        def frame(entering):  # frame i: its own prompt, hint, strength and alpha
+            index = entering.index
             return FrameConditioning(positive=[[prompts[index][0][0] + shift, {}]], hint=hints[index:index + 1],
                                      control_scale=0.5 + 0.1 * index + shift,
                                      fusion_alpha=0.5 + 0.05 * index + shift)
         out = []
         run_stream(model, pos, pos, vae, iter(images), StreamSettings(steps=2, bank_start=FRESH, compile=mode),
-                   lambda i, image: out.append(image), conditioning=frame)
+                   lambda o: out.append(o.image), conditioning=frame)
         return torch.stack(out)
 
     torch._dynamo.reset()

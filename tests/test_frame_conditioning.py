@@ -160,7 +160,8 @@ def test_a_frame_conditioning_provider_equals_per_frame_rows(host):
     own_prompts = [[[pos[0][0][i:i + 1], {}]] for i in range(FRAMES)]
     seen = []
 
-    def provider(index, image):
+    def provider(frame):
+        index = frame.index
         seen.append(index)
         return FrameConditioning(positive=own_prompts[index], hint=hints[index:index + 1])
 
@@ -168,7 +169,7 @@ def test_a_frame_conditioning_provider_equals_per_frame_rows(host):
     settings = StreamSettings(seed=1, steps=4, strength=0.4)
     with torch.inference_mode():
         run_stream(model, one_row_pos, one_row_neg, vae, iter(images), settings,
-                   lambda i, image: outs.__setitem__(i, image), conditioning=provider)
+                   lambda out: outs.__setitem__(out.index, out.image), conditioning=provider)
     assert seen == list(range(FRAMES))
     torch.testing.assert_close(torch.stack(outs), batch, rtol=0, atol=1e-4)
 

@@ -47,12 +47,12 @@ def counted(parts, bank, n):
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.forward", forward)
     settings = StreamSettings(steps=STEPS, bank_start=IN_FLIGHT)
     key = f"hot path {bank} {n}"
-    run_stream(model, cond, cond, vae, iter(frames(8, 1)), StreamSettings(steps=STEPS), lambda i, im: None,
+    run_stream(model, cond, cond, vae, iter(frames(8, 1)), StreamSettings(steps=STEPS), lambda out: None,
                stream_key=key)  # fills the bank (fresh stream)
-    run_stream(model, cond, cond, vae, iter(frames(STEPS, 2)), settings, lambda i, im: None, stream_key=key)
+    run_stream(model, cond, cond, vae, iter(frames(STEPS, 2)), settings, lambda out: None, stream_key=key)
     outputs = []
     with syncs, ops:
-        run_stream(model, cond, cond, vae, iter(frames(n, 3)), settings, lambda i, im: outputs.append(i),
+        run_stream(model, cond, cond, vae, iter(frames(n, 3)), settings, lambda out: outputs.append(out.index),
                    stream_key=key)
     assert len(outputs) == n
     return ops, syncs

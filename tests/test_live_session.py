@@ -1,6 +1,7 @@
 """The browser webcam's sessions (streamv2v_core.live.session): bad frames dropped, newest frame wins, bounded."""
 import io
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -43,7 +44,8 @@ def test_newest_frame_wins_and_nothing_is_kept_without_a_loop():
     assert session.wants_frame()
     assert session.offer(b"a", 1.0) and session.offer(b"b", 2.0)
     assert session.replaced == 1 and not session.wants_frame()
-    assert session.take(0.1) == (b"b", 2.0) and session.taken == 1
+    encoded_frame, stamp, received_at = session.take(0.1)
+    assert (encoded_frame, stamp) == (b"b", 2.0) and session.taken == 1 and received_at <= time.monotonic()
     assert session.take(0.01) is None
     session.publish(np.zeros((16, 16, 3), np.uint8), 2.0)
     assert session.output[1] == 2.0 and session.frames_out == 1
@@ -72,7 +74,7 @@ def test_live_frames_drop_bad_frames_and_go_on():
 
     thread = threading.Thread(target=sender)
     thread.start()
-    got = [(sizer(frame).shape, stamp) for frame, stamp in live_frames(session, sizer.hint, idle.append, 0.02)]
+    got = [(sizer(frame.image).shape, frame.stamp) for frame in live_frames(session, sizer.hint, idle.append, 0.02)]
     thread.join()
     assert got == [((48, 64, 3), 0.0), ((48, 64, 3), 3.0), ((48, 64, 3), 4.0)]
     assert dict(session.dropped) == {"undecodable": 1, "too small": 1} and session.taken == 5

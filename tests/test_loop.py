@@ -23,9 +23,9 @@ from host import tiny_models
 from host.clips import AUDIO_RATE, TONE_HZ, make_clip, read_back
 from streamv2v.nodes import node_status
 from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch
-from streamv2v.nodes.frame_cursors import CURSORS
-from streamv2v.nodes.loop_node import StreamV2VLoop
-from streamv2v.nodes.next_frame_node import StreamV2VNextFrame
+from streamv2v.nodes.loop.cursors import CURSORS
+from streamv2v.nodes.loop.node import StreamV2VLoop
+from streamv2v.nodes.loop.next_frame import StreamV2VNextFrame
 from streamv2v.streamv2v_core import BANKS
 from streamv2v.streamv2v_core.media.mp4_writer import Mp4Writer
 

@@ -53,7 +53,7 @@ def test_clear_all_never_compares_values():
     from streamv2v.nodes.engine.streams import StreamState
     reg = Registry("probe-states", 4, register=False)
     for name in "ab":
-        reg.put(name, StreamState(last_image=torch.rand(2, 4, 4, 3)))
+        reg.put(name, StreamState(frame_data={0: torch.rand(2, 4, 4, 3)}))
     assert reg.clear_all() == 2 and not reg.names()
 
 

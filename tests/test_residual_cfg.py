@@ -40,7 +40,7 @@ def stream(model, vae, pos, neg, frames, **kw):
     settings = StreamSettings(**(dict(seed=1, steps=4, strength=0.5, cfg=2.0) | kw))
     outs = [None] * frames.shape[0]
     with torch.inference_mode():
-        run_stream(model, pos, neg, vae, iter(frames), settings, lambda i, image: outs.__setitem__(i, image))
+        run_stream(model, pos, neg, vae, iter(frames), settings, lambda out: outs.__setitem__(out.index, out.image))
     return torch.stack(outs)
 
 

@@ -13,7 +13,8 @@ from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, 
 from streamv2v.nodes.sampler_nodes import StreamV2VSampler
 from streamv2v.nodes.engine import CONTINUE, FRESH, IN_FLIGHT, StreamSettings, run_stream
 from streamv2v.streamv2v_core import BANKS
-from streamv2v.streamv2v_core.stream.loop import LoopState, StreamLoop
+from streamv2v.streamv2v_core.stream.frame import Frame
+from streamv2v.streamv2v_core.stream.runner import RunnerState, StreamRunner
 from streamv2v.streamv2v_core.stream.pipeline import NoiseSource, StreamPipeline
 
 SIZE = 64
@@ -263,9 +264,9 @@ def test_cancel_stops_promptly(parts):
     seen = []
     model, vae, pos, neg = parts
 
-    def on_output(i, image):
-        seen.append(i)
-        if i == 2:
+    def on_output(out):
+        seen.append(out.index)
+        if out.index == 2:
             comfy.model_management.interrupt_current_processing(True)
 
     try:
@@ -299,12 +300,55 @@ def test_stream_pipeline_schedule_is_pure_reordering():
     latents = [torch.full((1, 1, 2, 2), float(i)) for i in range(5)]
     pipeline = StreamPipeline(sigmas, sigmas.tolist(), denoise, lambda s, n, x, full: x + 0 * n, NoiseSource(0), False)
     out = []
-    loop = StreamLoop(LoopState(), pipeline, stream_batch=True, keep_in_flight=False, encode=lambda x: x,
-                      decode=lambda x: x, admit=lambda i, x, latent: None, on_output=lambda i, x: out.append((i, x)))
-    loop.run(iter(latents), (1, 1))
+    runner = StreamRunner(RunnerState(), pipeline, stream_batch=True, keep_in_flight=False, encode=lambda x: x,
+                          decode=lambda x: x, admit=lambda frame, latent: None,
+                          on_output=lambda o: out.append((o.index, o.image)))
+    runner.run(iter(latents), (1, 1))
     assert [i for i, _ in out] == [0, 1, 2, 3, 4]
     assert calls[:4] == [[0], [1, 0], [2, 1, 0], [3, 2, 1, 0]] and len(calls) == 5 + 3
     assert all(torch.equal(x, latents[i] / 16) for i, x in out)
+
+
+@pytest.mark.parametrize("keep_in_flight", [False, True])
+@pytest.mark.parametrize("similarity", [False, True])
+def test_each_output_carries_the_frame_its_pixels_came_from(keep_in_flight, similarity):
+    """Every output names its source frame (stamp, conditioning travel with it): with frames in flight output i
+    shows input i - (S - 1) (the oldest input while the pipeline fills), a reused output shows the frame it
+    reuses. Latency read off ``out.source.stamp`` is therefore right in every mode."""
+    sigmas = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
+    steps = len(sigmas) - 1
+
+    def denoise(x, sigma, frames, rows):
+        return x * 0.5
+
+    pipeline = StreamPipeline(sigmas, sigmas.tolist(), denoise, lambda s, n, x, full: x + 0 * n, NoiseSource(0), False)
+    state = RunnerState(filter=_RepeatFilter() if similarity else None)
+    outs = []
+    runner = StreamRunner(state, pipeline, stream_batch=True, keep_in_flight=keep_in_flight, encode=lambda x: x,
+                          decode=lambda x: x, admit=lambda frame, latent: None, on_output=outs.append)
+    images = [torch.full((1, 1), float(1 + i // 2 if similarity else 1 + i)) for i in range(8)]
+    runner.run(iter(Frame(image, stamp=1000.0 + i) for i, image in enumerate(images)), (1, 1))
+    assert [o.index for o in outs] == list(range(8))
+    for out in outs:
+        shown = int(out.source.stamp - 1000)
+        assert out.source.image is not None and out.index >= shown
+        if keep_in_flight and not out.reused:
+            assert shown == max(0, out.index - (steps - 1)) or (similarity and shown < out.index)
+        processed = torch.equal(out.image, images[shown] / 2 ** steps)
+        assert processed or (keep_in_flight and torch.equal(out.image, images[shown]))
+    assert (runner.reused > 0) == similarity
+
+
+class _RepeatFilter:
+    """A similarity filter that skips a frame equal to the previous one (deterministic, for the test above)."""
+
+    def __init__(self):
+        self.last = None
+
+    def skip(self, image):
+        same = self.last is not None and torch.equal(image, self.last)
+        self.last = image
+        return same
 
 
 def test_after_core_lora_and_lcm_model_sampling_nodes(parts):

@@ -38,8 +38,8 @@ def _script(name: str):
 def _restyle(model, clip, vae, frames, prompt):
     outputs = [None] * frames.shape[0]
 
-    def keep(i, image):
-        outputs[i] = image.float()
+    def keep(out):
+        outputs[out.index] = out.image.float()
 
     cond = comfy_nodes.CLIPTextEncode().encode(clip, prompt)[0]
     neg = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]

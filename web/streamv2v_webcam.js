@@ -1,7 +1,7 @@
 // StreamV2V performer panel on the StreamV2VLoop node (and the link-only StreamV2VWebcamEcho node).
 //
 // The browser's webcam goes to the server over one WebSocket (/streamv2v/webcam/<session>/ws, see
-// nodes/webcam_routes.py): the server says "ready" when its loop took the last frame, and the panel sends the next
+// nodes/loop/routes.py): the server says "ready" when its loop took the last frame, and the panel sends the next
 // one at once. Restyled frames come back as they finish, each with the stamp of its source frame. The panel shows
 // them large (filling the node, and in a pop-out window that can go fullscreen on a projector), with the frame rate
 // and capture-to-display latency measured on this page's own clock only: a stamp this page did not send (an old

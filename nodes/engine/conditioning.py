@@ -80,7 +80,7 @@ class RunConditioning:
 
     guider: the run's ComfyUI guider, after it processed its conditioning (``guider.conds``).
     frame_count: number of input frames when known (rows of that count are per frame).
-    provider: optional ``(index, image [H, W, 3]) -> FrameConditioning | None`` per input frame.
+    provider: optional ``(Frame) -> FrameConditioning | None`` per input frame (kept as ``frame.conditioning``).
     like: a latent ``[1, C, h, w]`` (shape, device) for processing a frame's own conditioning.
     sigma_values: host floats per step (a ControlNet's start/end percent is decided from them).
     """
@@ -113,9 +113,10 @@ class RunConditioning:
                         yield (side, j, name), tensor
 
     # -- a frame entering the stream -----------------------------------------------------
-    def rows_for(self, index: int, image: torch.Tensor) -> FrameRows:
-        """Frame ``index``'s rows of every conditioning tensor and hint (views; hints moved to the device)."""
-        rows = FrameRows()
+    def rows_for(self, frame) -> FrameRows:
+        """Input ``frame``'s (a ``stream.frame.Frame``) rows of every conditioning tensor and hint (views; hints
+        moved to the device)."""
+        index, rows = frame.index, FrameRows()
         per_frame = self.frame_count if self.frame_count and self.frame_count > 1 else None
         for key, tensor in self.keys.items():
             rows.refs[key] = RowRef(tensor, index if tensor.shape[0] == per_frame else 0)
@@ -125,7 +126,8 @@ class RunConditioning:
                 rows.hints[k] = RowRef(hint[index:index + 1].to(self.like.device, non_blocking=True), 0)
             elif hint is not None:
                 rows.hints[k] = RowRef(hint, 0)
-        own = self.provider(index, image) if self.provider is not None else None
+        own = self.provider(frame) if self.provider is not None else None
+        frame.conditioning = own
         if own is not None:
             self._apply_own(rows, own)
         return rows

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 import weakref
 from typing import Callable, Iterable
 
@@ -32,7 +33,8 @@ import comfy.samplers
 from ...streamv2v_core.bank.calls import NAMES, PLAN_KEY, RowPlan
 from ...streamv2v_core.stream.conditioning import FrameRows, intersect_runs
 from ...streamv2v_core.stream.guidance import SELF_NEGATIVE, residual_guidance
-from ...streamv2v_core.stream.loop import StreamLoop
+from ...streamv2v_core.stream.frame import Frame, Output, RunReport, as_frame
+from ...streamv2v_core.stream.runner import StreamRunner
 from ...streamv2v_core.stream.pipeline import NoiseSource, StreamPipeline
 from ...streamv2v_core.stream.similarity import SimilarityFilter
 from ...streamv2v_core.stream.transfer import Upload
@@ -46,32 +48,37 @@ from .streams import Schedule, StreamState, banks_of, open_stream
 
 log = logging.getLogger("streamv2v")
 
-def run_stream(model, positive, negative, vae, frames: Iterable[torch.Tensor], settings: StreamSettings,
-               on_output: Callable[[int, torch.Tensor], None], stream_key: str | None = None,
-               who: str = "StreamV2V", conditioning: Callable | None = None, frame_count: int | None = None) -> int:
-    """Restyle ``frames`` (each ``[H, W, 3]`` in 0..1, on the host) one by one.
+def run_stream(model, positive, negative, vae, frames: Iterable[Frame | torch.Tensor], settings: StreamSettings,
+               on_output: Callable[[Output], None], stream_key: str | None = None,
+               who: str = "StreamV2V", conditioning: Callable[[Frame], object] | None = None,
+               frame_count: int | None = None) -> RunReport:
+    """Restyle ``frames`` (``Frame``s, or images ``[H, W, 3]`` in 0..1, on the host) one by one.
 
-    ``on_output(i, image)`` is called for input i with a host image ``[H, W, 3]``, in input
-    order, as soon as it is finished (with ``bank_start`` "continue, frames in flight" the
-    image is the stream's frame ``S - 1`` inputs earlier, and the first input's image while
-    the pipeline fills). The first frame fixes the size; every later frame must match it.
-    Bad sizes and a model/VAE mismatch raise before any output. Returns the number of
-    outputs. If interrupted, every output already made stays made and the bank counts the
-    frames that went through it. ``stream_key`` names the stream when the model has no bank.
+    ``on_output(Output)`` is called once per input, in input order, as soon as its answer is
+    finished; the output names the frame whose pixels it holds (with ``bank_start``
+    "continue, frames in flight" that is the frame ``S - 1`` inputs earlier, and the oldest
+    input while the pipeline fills), so its stamp and conditioning come with it. The first
+    frame fixes the size; every later frame must match it. Bad sizes and a model/VAE mismatch
+    raise before any output. Returns a ``RunReport``. If interrupted, every output already
+    made stays made and the bank counts the frames that went through it. ``stream_key`` names
+    the stream when the model has no bank.
 
     Per-frame conditioning: with ``frame_count`` (the number of frames, when known) a
     conditioning tensor or ControlNet hint batch of ``frame_count`` rows gives frame i row i;
     1 row serves every frame; other counts are refused before any work. ``conditioning``
-    ``(index, image) -> FrameConditioning | None`` gives a frame its own prompt, hint,
-    ControlNet scale or fusion alpha as it enters the stream (``stream/conditioning.py``).
+    ``(Frame) -> FrameConditioning | None`` gives a frame its own prompt, hint, ControlNet
+    scale or fusion alpha as it enters the stream (``stream/conditioning.py``); the frame
+    keeps it as ``frame.conditioning``.
     """
+    started = time.monotonic()
     settings.check()
     check_frame_rows(positive, negative, frame_count, who)
     source = iter(frames)
     first = next(source, None)
     if first is None:
         raise ValueError("no input frames: connect at least one image")
-    size = (int(first.shape[0]), int(first.shape[1]))
+    first = as_frame(first, 0)
+    size = (int(first.image.shape[0]), int(first.image.shape[1]))
     latent_shape = check_stream_inputs(model, vae, *size)
     model = stream_model(model, vae, settings.compile)
     banks = banks_of(model)
@@ -81,7 +88,8 @@ def run_stream(model, positive, negative, vae, frames: Iterable[torch.Tensor], s
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(1.0 if settings.residual else settings.cfg)  # residual CFG guides after the model call
-    run = _Run(state, banks, settings, _schedule(state, model, settings), vae, on_output, frame_count, conditioning)
+    run = _Run(state, banks, settings, _schedule(state, model, settings), vae, on_output, frame_count, conditioning,
+               started)
     # Latents in float32 as ComfyUI keeps them, or float64 for a float64 model (exactness checks).
     zeros = torch.zeros(latent_shape, dtype=torch.float64 if model.model_dtype() == torch.float64 else torch.float32)
     try:
@@ -91,7 +99,8 @@ def run_stream(model, positive, negative, vae, frames: Iterable[torch.Tensor], s
     finally:
         for bank in banks:
             bank.frames_seen = state.next_frame
-    return run.outputs
+        run.report.seconds = time.monotonic() - started
+    return run.report
 
 
 def _carry_over(state: StreamState, settings: StreamSettings) -> None:
@@ -129,11 +138,17 @@ class _Run:
     """
 
     def __init__(self, state: StreamState, banks, settings: StreamSettings, schedule: Schedule, vae, on_output,
-                 frame_count: int | None, provider: Callable | None):
+                 frame_count: int | None, provider: Callable | None, started: float):
         self.state, self.banks, self.settings, self.schedule, self.vae = state, banks, settings, schedule, vae
         self.on_output, self.frame_count, self.provider = on_output, frame_count, provider
         self.steps = len(schedule.sigma_values) - 1
-        self.outputs = 0
+        self.started = started
+        self.report = RunReport()
+
+    def _output(self, out: Output) -> None:
+        if self.report.first_output_s is None:
+            self.report.first_output_s = time.monotonic() - self.started
+        self.on_output(out)
 
     def sampler(self, inputs, size):
         def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -147,22 +162,24 @@ class _Run:
         conds = RunConditioning(guider, self.frame_count, self.provider, x[:1], self.schedule.sigma_values, base)
         codec = DeviceCodec(self.vae)
         upload = Upload(codec.device)
-        loop = StreamLoop(
+        runner = StreamRunner(
             self.state, self._pipeline(model_k, guider, conds, x, sigmas, extra_args), self.settings.stream_batch,
             _keeps_in_flight(self.settings),
             encode=lambda image: base.process_latent_in(codec.encode(upload(image[..., :3]))).to(x.device, x.dtype),
             decode=lambda denoised: codec.decode(base.process_latent_out(denoised)),
-            admit=lambda index, image, latent: self._admit(conds, index, image, latent), on_output=self.on_output)
+            admit=lambda frame, latent: self._admit(conds, frame, latent), on_output=self._output)
         try:
-            loop.run(inputs, size)
+            runner.run(inputs, size)
         finally:
-            self.outputs += loop.outputs
+            report = self.report
+            report.frames_in, report.frames_out = report.frames_in + runner.inputs, report.frames_out + runner.outputs
+            report.reused += runner.reused
             guider.conds = conds.template
             conds.close()
 
-    def _admit(self, conds: RunConditioning, index: int, image, latent) -> FrameRows:
+    def _admit(self, conds: RunConditioning, frame: Frame, latent) -> FrameRows:
         """A frame entering the stream: its own conditioning, and its latent when it is its own negative."""
-        rows = conds.rows_for(index, image)
+        rows = conds.rows_for(frame)
         if self.settings.residual and self.settings.guidance == SELF_NEGATIVE:
             rows.x0 = latent
         return rows

@@ -16,14 +16,14 @@ import torch
 
 from ...streamv2v_core.bank.storage import FeatureBank, describe_changes
 from ...streamv2v_core.registry import Registry
-from ...streamv2v_core.stream.loop import LoopState
+from ...streamv2v_core.stream.runner import RunnerState
 from .settings import FRESH, StreamSettings
 
 log = logging.getLogger("streamv2v")
 
 @dataclass
-class StreamState(LoopState):
-    """A stream's loop state (``stream/loop.py``) plus what decides whether a run may continue it."""
+class StreamState(RunnerState):
+    """A stream's runner state (``stream/runner.py``) plus what decides whether a run may continue it."""
 
     signature: dict = field(default_factory=dict)
     schedule: Schedule | None = None

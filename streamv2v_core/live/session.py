@@ -29,6 +29,7 @@ from PIL import Image
 
 from ..media.frames import to_tensor
 from ..registry import Registry
+from ..stream.frame import Frame
 from .params import LiveParams
 
 log = logging.getLogger("streamv2v")
@@ -98,7 +99,7 @@ class BrowserSession:
     def __init__(self, name: str):
         self.name = name
         self._ready = threading.Condition()
-        self._waiting: tuple[bytes, float | None] | None = None
+        self._waiting: tuple[bytes, float | None, float] | None = None  # (encoded, stamp, received_at)
         self._listeners: list[Callable[[str], None]] = []
         self.running = False
         self.stopped = False
@@ -122,7 +123,7 @@ class BrowserSession:
                 return False
             if self._waiting is not None:
                 self.replaced += 1
-            self._waiting = (encoded, stamp)
+            self._waiting = (encoded, stamp, self.used_at)
             self.frames_in += 1
             self.last_frame_at = self.used_at
             self._ready.notify_all()
@@ -180,8 +181,9 @@ class BrowserSession:
             self.used_at = time.monotonic()
         self._tell("finished")
 
-    def take(self, timeout: float) -> tuple[bytes, float | None] | None:
-        """The waiting frame (bytes, stamp), or None after ``timeout`` seconds or a stop."""
+    def take(self, timeout: float) -> tuple[bytes, float | None, float] | None:
+        """The waiting frame (bytes, stamp, ``time.monotonic()`` when it arrived), or None after ``timeout``
+        seconds or a stop."""
         with self._ready:
             if self._waiting is None and not self.stopped:
                 self._ready.wait(timeout)
@@ -218,8 +220,8 @@ class BrowserSession:
 
 
 def live_frames(session: BrowserSession, fit: Callable[[], tuple[int, int] | None],
-                idle: Callable[[float], None], poll_s: float = 0.25) -> Iterator[tuple[torch.Tensor, float | None]]:
-    """(frame ``[H, W, 3]``, stamp) as the browser sends them, until a stop.
+                idle: Callable[[float], None], poll_s: float = 0.25) -> Iterator[Frame]:
+    """``Frame``s (image ``[H, W, 3]``, the sender's stamp, when it arrived) as the browser sends them, until a stop.
 
     A frame that cannot be used is dropped and counted in ``session.dropped``; the stream
     goes on. ``idle(seconds since the last frame)`` runs while none comes (raise there to
@@ -230,14 +232,14 @@ def live_frames(session: BrowserSession, fit: Callable[[], tuple[int, int] | Non
         if item is None:
             idle(session.idle_seconds())
             continue
-        encoded, stamp = item
+        encoded, stamp, received_at = item
         try:
-            frame = decode_frame(encoded, fit())
+            image = decode_frame(encoded, fit())
         except BadFrame as bad:
             session.drop(bad.reason)
             log.info("StreamV2V session %r: dropped a frame (%s)", session.name, bad)
             continue
-        yield frame, stamp
+        yield Frame(image, stamp=stamp, received_at=received_at)
 
 
 class SessionRegistry:

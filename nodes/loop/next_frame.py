@@ -6,12 +6,12 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from .frame_cursors import CURSORS, FrameCursor
-from .input_files import check_input
-from .loop_inputs import source_inputs
-from .loop_sources import FILE_SOURCES, FramePick, SourceChoice
-from ._schema import VIDEO_CATEGORY, from_inputs
-from .wording import every_nth, plural
+from .cursors import CURSORS, FrameCursor
+from ..input_files import check_input
+from .inputs import source_inputs
+from .sources import FILE_SOURCES, FramePick, SourceChoice
+from .._schema import VIDEO_CATEGORY, NodeInputs
+from ..wording import every_nth, plural
 
 log = logging.getLogger("streamv2v")
 
@@ -59,8 +59,9 @@ class StreamV2VNextFrame(io.ComfyNode):
 
     @classmethod
     def execute(cls, cursor="default", reset=False, at_end="loop", count=1, **inputs) -> io.NodeOutput:
-        pick = from_inputs(FramePick, inputs)
-        origin = from_inputs(SourceChoice, inputs)
+        given = NodeInputs("StreamV2V Next Frame", inputs)
+        pick, origin = given.build(FramePick), given.build(SourceChoice)
+        given.check_all_taken()
         if origin.source not in FILE_SOURCES:
             raise ValueError(f"source must be one of {FILE_SOURCES}, got {origin.source!r}")
         key = (origin, pick)

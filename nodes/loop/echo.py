@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..streamv2v_core.live.session import SESSIONS, check_session_name
-from .loop_sink import LoopSink, drops_text
-from .loop_sources import BrowserSource, FramePick, FrameStream
-from .node_status import NodeStatus, node_id_of
-from ._schema import VIDEO_CATEGORY
+from ...streamv2v_core.live.session import SESSIONS, check_session_name
+from ...streamv2v_core.stream.frame import Output
+from .sink import LoopSink, drops_text
+from .sources import BrowserSource, FramePick, FrameStream
+from ..node_status import NodeStatus, node_id_of
+from .._schema import VIDEO_CATEGORY
 
 
 class StreamV2VWebcamEcho(io.ComfyNode):
@@ -57,9 +58,9 @@ class StreamV2VWebcamEcho(io.ComfyNode):
         sink = LoopSink(None, None, None, status, link)
         link.start()
         try:
-            stream = FrameStream(BrowserSource(link, sizer, lambda: status), pick, sizer, link, sink.stamps)
+            stream = FrameStream(BrowserSource(link, sizer, status), pick, sizer, link)
             for index, frame in enumerate(stream):
-                sink.put(index, frame)
+                sink.put(Output(index, frame.image, frame))
         finally:
             link.finish()
         size = f" ({sink.size[1]}x{sink.size[0]})" if sink.size else ""

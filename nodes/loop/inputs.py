@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .input_files import input_choices
-from .loop_sources import CAMERA, SOURCES
+from ..input_files import input_choices
+from .sources import CAMERA, SOURCES
 
 
 def source_inputs(choices=SOURCES) -> list:

@@ -11,22 +11,22 @@ from comfy_execution.utils import get_executing_context
 
 import comfy.model_management
 
-from ..streamv2v_core.live.session import SESSIONS
-from ..streamv2v_core.media.frames import selected_count
-from ..streamv2v_core.media.video_io import shortfall
-from ..streamv2v_core.registry import Registry
-from .input_files import check_input, modified_time
-from .loop_conditioning import ConditioningChoice, LoopConditioning, conditioning_inputs
-from .loop_inputs import source_inputs
-from .loop_sink import LoopSink, drops_text
-from .loop_sources import BROWSER, LIVE_SOURCES, VIDEO_FILE, FramePick, FrameStream, SourceChoice
-from .node_status import NodeStatus, node_id_of
-from .output_files import check_prefix
-from ._schema import VIDEO_CATEGORY, from_inputs, guidance_inputs, stream_inputs
-from .engine import StreamSettings, run_stream, stream_of
-from .engine.compiled_unet import OFF, compile_mode
-from .video_input import video_output
-from .wording import every_nth, plural
+from ...streamv2v_core.live.session import SESSIONS
+from ...streamv2v_core.media.frames import selected_count
+from ...streamv2v_core.media.video_io import shortfall
+from ...streamv2v_core.registry import Registry
+from ..input_files import check_input, modified_time
+from ...streamv2v_core.stream.frame import RunReport
+from .steering import FrameSteering, SteeringChoice, steering_inputs
+from .inputs import source_inputs
+from .sink import LoopSink, drops_text
+from .sources import BROWSER, LIVE_SOURCES, VIDEO_FILE, FramePick, FrameStream, SourceChoice
+from ..node_status import NodeStatus, node_id_of
+from ..output_files import check_prefix
+from .._schema import VIDEO_CATEGORY, NodeInputs, guidance_inputs, model_inputs, stream_inputs
+from ..engine import OFF, StreamSettings, compile_mode, run_stream
+from ..video_input import video_output
+from ..wording import every_nth, plural
 
 log = logging.getLogger("streamv2v")
 
@@ -40,7 +40,6 @@ _CUT_SHORT: Registry[int] = Registry("cut-short loop run", 256, "lru", register=
 class StreamV2VLoop(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        shared = stream_inputs()
         return io.Schema(
             node_id="StreamV2VLoop",
             display_name="StreamV2V Loop",
@@ -51,7 +50,7 @@ class StreamV2VLoop(io.ComfyNode):
                         "ready (with the source's audio and frame rate), with a live preview. Memory stays constant "
                         "for any length. Live sources run until you press Cancel or the node's Stop button; either "
                         "way the MP4 keeps every frame and is shown.",
-            inputs=[*shared[:4],
+            inputs=[*model_inputs(),
                     io.Video.Input("video", optional=True,
                                    tooltip="A VIDEO to restyle (core Load Video, or any node that gives one), with "
                                            "source 'video file'; read frame by frame from its file when it has one. "
@@ -72,8 +71,8 @@ class StreamV2VLoop(io.ComfyNode):
                     io.String.Input("filename_prefix", default=DEFAULT_PREFIX,
                                     tooltip="MP4 name in the output folder ('folder/name'); a new file each run, "
                                             "an existing one is never replaced."),
-                    *shared[4:],
-                    *conditioning_inputs(),
+                    *stream_inputs(),
+                    *steering_inputs(),
                     *guidance_inputs()],
             outputs=[io.String.Output(display_name="video_path", tooltip="Absolute path of the MP4 written."),
                      io.Image.Output(display_name="last_frame", tooltip="The last restyled frame [1, H, W, 3]."),
@@ -111,47 +110,45 @@ class StreamV2VLoop(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, vae, video=None, clip=None, hint_video=None,
                 **inputs) -> io.NodeOutput:
-        prefix = check_prefix(inputs.get("filename_prefix", DEFAULT_PREFIX))
-        session = SESSIONS.get(inputs.get("session", "webcam"))
-        settings = from_inputs(StreamSettings, inputs)
+        given = NodeInputs("StreamV2V Loop", inputs)
+        prefix = check_prefix(given.take("filename_prefix", DEFAULT_PREFIX))
+        session = SESSIONS.get(given.take("session", "webcam"))
+        settings = given.build(StreamSettings)
         settings.check()
-        pick = from_inputs(FramePick, inputs)
-        origin = from_inputs(SourceChoice, inputs)
+        pick, origin, choice = given.build(FramePick), given.build(SourceChoice), given.build(SteeringChoice)
+        given.check_all_taken()
         node_id = node_id_of(cls)
         sizer = pick.sizer()
-        frame_conditioning = LoopConditioning(model, positive, clip, from_inputs(ConditioningChoice, inputs), session,
-                                              hint_video, pick.skip_first, pick.every_nth)
-        try:
-            reader = origin.open(video, session, sizer, status=lambda: status)
-        except BaseException:
-            frame_conditioning.close()  # its hint video, and the session's live params
-            raise
         live = origin.source == BROWSER and video is None
+        status = NodeStatus(node_id, None, preview=not live)
+        steering = FrameSteering(model, positive, clip, choice, session, hint_video, pick.skip_first, pick.every_nth)
+        try:
+            reader = origin.open(video, session, sizer, status)
+        except BaseException:
+            steering.close()  # its hint video, and the session's live params
+            raise
         session.start()
         try:
-            status = NodeStatus(node_id, selected_count(reader.total, pick.skip_first, pick.every_nth,
-                                                        pick.max_frames), preview=not live)
+            status.total = selected_count(reader.total, pick.skip_first, pick.every_nth, pick.max_frames)
             rate = origin.rate(reader, pick.every_nth)
             audio = reader.audio(pick.skip_first / float(reader.fps)) if reader.fps else None
             sink = LoopSink(prefix, rate, audio, status, session if live else None)
-            stream = FrameStream(reader, pick, sizer, session, sink.stamps)
+            stream = FrameStream(reader, pick, sizer, session)
             key = f"StreamV2VLoop {node_id}" if node_id is not None else None
-            start = _skips(model, key)
-            interrupted = _run(model, positive, negative, vae, stream, settings, sink, origin, key,
-                               frame_conditioning)
-            reused = _reused_since(model, key, start)
+            report, interrupted = _run(model, positive, negative, vae, stream, settings, sink, origin, key, steering)
         finally:
             session.finish()
             reader.close()
-            frame_conditioning.close()
+            steering.close()
         if interrupted or stream.stopped:
-            cut = _cut_key(node_id, inputs.get("source", VIDEO_FILE), inputs.get("file", ""))
+            cut = _cut_key(node_id, origin.source, origin.file)
             _CUT_SHORT.put(cut, (_CUT_SHORT.find(cut) or 0) + 1)
-        return _outputs(sink, stream, reader, pick, interrupted, frame_conditioning.report(), reused)
+        return _outputs(sink, stream, reader, pick, interrupted, steering.report(), report)
 
 
-def _run(model, positive, negative, vae, stream, settings, sink, origin, stream_key, frame_conditioning) -> bool:
-    """Run the engine over ``stream`` into ``sink``; True if cancelled after frames were written.
+def _run(model, positive, negative, vae, stream, settings, sink, origin, stream_key,
+         steering) -> tuple[RunReport | None, bool]:
+    """Run the engine over ``stream`` into ``sink``: (its report, True if cancelled after frames were written).
 
     ``stream_key`` names the stream when the model has no bank (``bank_start`` continue carries the
     frame numbers, noise and filter on from this node's previous run)."""
@@ -161,20 +158,20 @@ def _run(model, positive, negative, vae, stream, settings, sink, origin, stream_
             first = next(frames, None)
             if first is None:
                 if stream.stopped:
-                    return False
+                    return None, False
                 raise ValueError(f"no frames left from the {origin.source} after skipping "
                                  f"{plural(stream.pick.skip_first, 'frame')} ({every_nth(stream.pick.every_nth)} "
                                  f"kept): lower skip_first")
-            run_stream(model, positive, negative, vae, itertools.chain([first], frames), settings,
-                       frame_conditioning.watch(sink.put), stream_key=stream_key, who="StreamV2V Loop",
-                       conditioning=frame_conditioning)
+            report = run_stream(model, positive, negative, vae, itertools.chain([first], frames), settings,
+                                steering.watch(sink.put), stream_key=stream_key, who="StreamV2V Loop",
+                                conditioning=steering)
         finally:
             sink.close()
     except comfy.model_management.InterruptProcessingException:
         if not sink.frames:
             raise
-        return True
-    return False
+        return None, True
+    return report, False
 
 
 def _cut_key(node_id, source, file) -> str:
@@ -183,28 +180,8 @@ def _cut_key(node_id, source, file) -> str:
     return repr((node_id, source, file))
 
 
-def _filter_of(model, stream_key):
-    """The similarity filter of the stream this loop runs (on its bank, or kept under ``stream_key``)."""
-    return getattr(stream_of(model, stream_key), "filter", None)
-
-
-def _skips(model, stream_key) -> tuple:
-    """(the stream's filter before a run, its skip count then)."""
-    before = _filter_of(model, stream_key)
-    return before, (before.skips if before is not None else 0)
-
-
-def _reused_since(model, stream_key, start: tuple) -> int:
-    """Frames the similarity filter skipped since ``start`` (a fresh stream has a new filter)."""
-    before, count = start
-    after = _filter_of(model, stream_key)
-    if after is None:
-        return 0
-    return after.skips - (count if after is before else 0)
-
-
 def _outputs(sink: LoopSink, stream: FrameStream, reader, pick: FramePick, interrupted: bool,
-             conditioning_notes: list[str], reused: int = 0) -> io.NodeOutput:
+             steering_notes: list[str], report: RunReport | None) -> io.NodeOutput:
     notes = []
     if interrupted:
         notes.append("cancelled: the MP4 keeps every frame written")
@@ -216,22 +193,22 @@ def _outputs(sink: LoopSink, stream: FrameStream, reader, pick: FramePick, inter
         if short:
             log.warning("StreamV2V loop: %s", short)
             notes.append(f"WARNING: {short}")
-    if reused:
-        notes.append(f"the similarity filter reused the previous output for {plural(reused, 'frame')}")
+    if report is not None and report.reused:
+        notes.append(f"the similarity filter reused the previous output for {plural(report.reused, 'frame')}")
     notes += [t for t in (drops_text(sink.session), _skipped_text(reader), _rescaled_text(stream)) if t]
-    notes += conditioning_notes
+    notes += steering_notes
     if sink.frames:
         h, w = sink.size
         written = os.path.join(sink.output.subfolder, sink.output.filename)
         head = f"wrote {plural(sink.frames, 'frame')} ({w}x{h}) to {written}"
     else:
         head = "no frames written"
-    report = "; ".join([head, *notes])
-    log.info("StreamV2V loop: %s", report)
-    sink.status.say(report)
+    text = "; ".join([head, *notes])
+    log.info("StreamV2V loop: %s", text)
+    sink.status.say(text)
     if not sink.frames:
         blocked = ExecutionBlocker(None)  # nothing to pass on: what follows does not run
-        return io.NodeOutput(blocked, blocked, 0, blocked, report)
+        return io.NodeOutput(blocked, blocked, 0, blocked, text)
     saved = ui.PreviewVideo([ui.SavedResult(sink.output.filename, sink.output.subfolder, io.FolderType.output)])
     if interrupted:
         # The preview and the history entry keep the MP4, nothing downstream runs, and the cancel
@@ -239,7 +216,7 @@ def _outputs(sink: LoopSink, stream: FrameStream, reader, pick: FramePick, inter
         comfy.model_management.interrupt_current_processing(True)
         return io.NodeOutput(*_blocked(OUTPUTS), ui=saved)
     path = sink.output.path
-    return io.NodeOutput(path, sink.last[None], sink.frames, video_output(path), report, ui=saved)
+    return io.NodeOutput(path, sink.last[None], sink.frames, video_output(path), text, ui=saved)
 
 
 def _blocked(count: int) -> list:

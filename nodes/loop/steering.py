@@ -1,6 +1,6 @@
 """What each frame of a loop carries besides its pixels: prompt (schedule or live), ControlNet hint, strengths.
 
-``LoopConditioning`` is the stream engine's ``conditioning`` callable: called once per frame as the
+``FrameSteering`` is the stream engine's ``conditioning`` callable: called once per frame as the
 frame enters the stream, it returns that frame's ``FrameConditioning`` (or None: the run's own). It
 
 * blends a keyframed prompt schedule (each keyframe encoded once with the connected CLIP, the blend
@@ -23,16 +23,17 @@ from typing import Callable
 import torch
 from comfy_api.latest import io
 
-from ..streamv2v_core.bank.patches import FeatureFusion
-from ..streamv2v_core.live.params import MAX_BLEND_FRAMES, Capabilities, Change
-from ..streamv2v_core.media.frames import fit_to, select_frames
-from ..streamv2v_core.media.hints import PreviousOutput, as_hint, canny
-from ..streamv2v_core.media.video_io import VideoFileSource
-from ..streamv2v_core.stream.conditioning import FrameConditioning
-from ..streamv2v_core.stream.prompt_schedule import blend_entry, blend_position, parse_schedule
-from .engine import banks_of
-from .input_files import input_choices, resolve_input
-from .video_input import open_video
+from ...streamv2v_core.bank.patches import FeatureFusion
+from ...streamv2v_core.live.params import MAX_BLEND_FRAMES, Capabilities, Change
+from ...streamv2v_core.media.frames import fit_to, select_frames
+from ...streamv2v_core.media.hints import PreviousOutput, as_hint, canny
+from ...streamv2v_core.media.video_io import VideoFileSource
+from ...streamv2v_core.stream.conditioning import FrameConditioning
+from ...streamv2v_core.stream.frame import Frame, Output
+from ...streamv2v_core.stream.prompt_schedule import blend_entry, blend_position, parse_schedule
+from ..engine import banks_of
+from ..input_files import input_choices, resolve_input
+from ..video_input import open_video
 
 log = logging.getLogger("streamv2v")
 
@@ -43,8 +44,8 @@ KEYFRAME_CACHE = 4  # encoded keyframes kept: the two being blended and their ne
 
 
 @dataclass(frozen=True)
-class ConditioningChoice:
-    """The loop's per-frame conditioning inputs."""
+class SteeringChoice:
+    """The loop's per-frame steering inputs (prompt schedule, ControlNet hint, live blend)."""
 
     prompt_schedule: str = ""
     control_hint: str = HINT_NONE
@@ -52,7 +53,7 @@ class ConditioningChoice:
     blend_frames: int = 8
 
 
-def conditioning_inputs() -> list:
+def steering_inputs() -> list:
     """clip, prompt_schedule, control_hint, hint_file, hint_video, blend_frames (all optional)."""
     return [
         io.Clip.Input("clip", optional=True,
@@ -89,7 +90,7 @@ def capabilities(model, positive: list, clip) -> Capabilities:
     return Capabilities(clip=clip is not None, control=control, fusion=fusion, bank=bool(banks_of(model)))
 
 
-def check_choice(choice: ConditioningChoice, can: Capabilities, hint_video=None) -> list:
+def check_choice(choice: SteeringChoice, can: Capabilities, hint_video=None) -> list:
     """The schedule's keyframes; ValueError naming the input at fault (before any work)."""
     if choice.control_hint not in HINT_CHOICES:
         raise ValueError(f"control_hint must be one of {HINT_CHOICES}, got {choice.control_hint!r}")
@@ -223,7 +224,7 @@ class HintSource:
             self.reader.close()
 
 
-def open_hint_reader(choice: ConditioningChoice, hint_video=None):
+def open_hint_reader(choice: SteeringChoice, hint_video=None):
     """The hint video's frame reader (``streamv2v_core.media.video_io`` protocol), or None for other hints."""
     if choice.control_hint != HINT_VIDEO:
         return None
@@ -232,15 +233,15 @@ def open_hint_reader(choice: ConditioningChoice, hint_video=None):
     return VideoFileSource(resolve_input(choice.hint_file))
 
 
-class LoopConditioning:
-    """The engine's ``conditioning(index, image) -> FrameConditioning | None`` for one loop run.
+class FrameSteering:
+    """The engine's ``conditioning(frame) -> FrameConditioning | None`` for one loop run.
 
     ``watch(on_output)`` wraps the sink so the previous-output hint sees finished frames; ``report()``
     gives the lines for the loop's report; ``close()`` ends the run (the session stops taking changes).
     Frames are counted here (0 = the first frame this run streams): schedules and the log use that count.
     """
 
-    def __init__(self, model, positive: list, clip, choice: ConditioningChoice, session=None, hint_video=None,
+    def __init__(self, model, positive: list, clip, choice: SteeringChoice, session=None, hint_video=None,
                  skip_first: int = 0, every_nth: int = 1):
         self.can = capabilities(model, positive, clip)
         keyframes = check_choice(choice, self.can, hint_video)
@@ -259,13 +260,13 @@ class LoopConditioning:
         return {"blend_frames": self.prompt.blend_frames, "control_strength": self.control_scale,
                 "ff_alpha": self.fusion_alpha, "prompt": self.live_prompt}
 
-    def __call__(self, index: int, image: torch.Tensor):
-        """Frame ``image [H, W, 3]`` enters the stream: its FrameConditioning (None: the run's own)."""
+    def __call__(self, entering: Frame):
+        """``entering`` (image ``[H, W, 3]``) enters the stream: its FrameConditioning (None: the run's own)."""
         frame, self.frames = self.frames, self.frames + 1
         if self.session is not None:
             for change in self.session.params.take():
                 self._apply(change, frame)
-        positive, hint = self.prompt.positive_for(frame), self.hints(image)
+        positive, hint = self.prompt.positive_for(frame), self.hints(entering.image)
         if positive is None and hint is None and not self.steered:
             return None
         return FrameConditioning(positive=positive, hint=hint, control_scale=self.control_scale,
@@ -287,11 +288,11 @@ class LoopConditioning:
         log.info("StreamV2V session %r, frame %d: %s", self.session.name, frame, change.describe())
         self.session.params.applied(frame, change, self.current())
 
-    def watch(self, on_output: Callable) -> Callable:
-        """``on_output(index, image)`` that also shows each finished frame to the previous-output hint."""
-        def put(index: int, image: torch.Tensor) -> None:
-            self.hints.saw_output(image)
-            on_output(index, image)
+    def watch(self, on_output: Callable[[Output], None]) -> Callable[[Output], None]:
+        """``on_output(Output)`` that also shows each finished frame to the previous-output hint."""
+        def put(out: Output) -> None:
+            self.hints.saw_output(out.image)
+            on_output(out)
         return put
 
     def report(self) -> list[str]:

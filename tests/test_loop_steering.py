@@ -1,4 +1,4 @@
-"""The loop's per-frame conditioning provider (nodes/loop_conditioning.py), in-process: each frame's hint, the
+"""The loop's per-frame conditioning provider (nodes/loop/steering.py), in-process: each frame's hint, the
 prompt schedule's per-frame blend and its CLIP encodes, live changes (blend over N frames, one encode, bad values
 refused), and that the run's own CONDITIONING and ControlNet objects are never changed."""
 import pytest
@@ -8,12 +8,13 @@ import nodes as comfy_nodes
 from host import tiny_models
 from host.clips import make_clip, read_back
 from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch
-from streamv2v.nodes.loop_conditioning import (HINT_CANNY, HINT_FRAME, HINT_PREVIOUS, HINT_VIDEO,
-                                               ConditioningChoice, LoopConditioning)
+from streamv2v.nodes.loop.steering import (HINT_CANNY, HINT_FRAME, HINT_PREVIOUS, HINT_VIDEO,
+                                               SteeringChoice, FrameSteering)
 from streamv2v.streamv2v_core import BANKS
 from streamv2v.streamv2v_core.live.params import Capabilities, parse_change
 from streamv2v.streamv2v_core.live.session import SESSIONS
 from streamv2v.streamv2v_core.media import hints
+from streamv2v.streamv2v_core.stream.frame import Frame, Output
 from streamv2v.streamv2v_core.stream.prompt_schedule import lerp_tokens
 
 
@@ -54,9 +55,9 @@ def frames(count, seed=0):
 def test_canny_and_frame_hints_are_each_frames_own(parts):
     model, clip, positive = parts
     for mode, make in ((HINT_CANNY, hints.canny), (HINT_FRAME, hints.as_hint)):
-        provider = LoopConditioning(model, positive, None, ConditioningChoice(control_hint=mode))
+        provider = FrameSteering(model, positive, None, SteeringChoice(control_hint=mode))
         for i, frame in enumerate(frames(5, seed=3)):
-            given = provider(i, frame)
+            given = provider(Frame(frame, index=i))
             assert given.positive is None and given.control_scale == 1.0  # the run's own prompt
             assert given.hint.shape == (1, 64, 64, 3) and torch.equal(given.hint, make(frame)), (mode, i)
         assert f"ControlNet hint per frame: {mode} (5 frames)" in provider.report()
@@ -64,13 +65,13 @@ def test_canny_and_frame_hints_are_each_frames_own(parts):
 
 def test_previous_output_hint_follows_the_finished_frames(parts):
     model, _, positive = parts
-    provider = LoopConditioning(model, positive, None, ConditioningChoice(control_hint=HINT_PREVIOUS))
+    provider = FrameSteering(model, positive, None, SteeringChoice(control_hint=HINT_PREVIOUS))
     shown = []
-    put = provider.watch(lambda index, image: shown.append(index))
+    put = provider.watch(lambda out: shown.append(out.index))
     first, second, output = frames(3, seed=5)
-    assert torch.equal(provider(0, first).hint[0], first)  # nothing finished yet: the frame itself
-    put(0, output)
-    assert torch.equal(provider(1, second).hint[0], output) and shown == [0]
+    assert torch.equal(provider(Frame(first, index=0)).hint[0], first)  # nothing finished yet: the frame itself
+    put(Output(0, output, Frame(first)))
+    assert torch.equal(provider(Frame(second, index=1)).hint[0], output) and shown == [0]
 
 
 def test_hint_video_is_aligned_with_skip_and_every_nth_and_held_at_its_end(parts, tmp_path):
@@ -82,10 +83,10 @@ def test_hint_video_is_aligned_with_skip_and_every_nth_and_held_at_its_end(parts
     try:
         make_clip(tmp_path / "hint.mp4", frames=7, size=(64, 64), fps=7, tone=False)
         decoded = torch.from_numpy(read_back(tmp_path / "hint.mp4")[0]).float() / 255
-        provider = LoopConditioning(model, positive, None, ConditioningChoice(control_hint=HINT_VIDEO,
+        provider = FrameSteering(model, positive, None, SteeringChoice(control_hint=HINT_VIDEO,
                                                                              hint_file="hint.mp4"),
                                     skip_first=1, every_nth=2)
-        given = [provider(i, frame).hint[0] for i, frame in enumerate(frames(5))]
+        given = [provider(Frame(frame, index=i)).hint[0] for i, frame in enumerate(frames(5))]
         provider.close()
     finally:
         folder_paths.set_input_directory(old)
@@ -98,8 +99,8 @@ def test_prompt_schedule_encodes_each_keyframe_once_and_blends_per_frame(parts):
     model, clip, positive = parts
     before = [[t.clone(), dict(d)] for t, d in positive]
     clip.encodes.clear()
-    provider = LoopConditioning(model, positive, clip, ConditioningChoice(prompt_schedule="0: watercolor\n4: oil"))
-    given = [provider(i, frame).positive for i, frame in enumerate(frames(8))]
+    provider = FrameSteering(model, positive, clip, SteeringChoice(prompt_schedule="0: watercolor\n4: oil"))
+    given = [provider(Frame(frame, index=i)).positive for i, frame in enumerate(frames(8))]
     assert len(clip.encodes) == 2  # one per keyframe, not one per frame
     water, oil = given[0][0][0], given[4][0][0]
     assert torch.allclose(given[2][0][0], lerp_tokens(water, oil, 0.5))
@@ -115,19 +116,19 @@ def test_prompt_schedule_encodes_each_keyframe_once_and_blends_per_frame(parts):
 def test_live_prompt_blends_in_over_n_frames_with_one_encode(parts):
     model, clip, positive = parts
     session = SESSIONS.get("cond_live")
-    provider = LoopConditioning(model, positive, clip, ConditioningChoice(), session)
+    provider = FrameSteering(model, positive, clip, SteeringChoice(), session)
     clip.encodes.clear()
     stream = frames(9)
-    assert [provider(i, stream[i]) for i in range(3)] == [None, None, None]  # nothing to carry yet
+    assert [provider(Frame(stream[i], index=i)) for i in range(3)] == [None, None, None]  # nothing to carry yet
     session.params.offer({"prompt": "oil painting", "blend_frames": 4})
-    given = [provider(i, stream[i]).positive[0][0] for i in range(3, 9)]
+    given = [provider(Frame(stream[i], index=i)).positive[0][0] for i in range(3, 9)]
     assert len(clip.encodes) == 1
     own, target = positive[0][0], given[-1]
     for k, tokens in enumerate(given[:4]):  # frames 3..6: 1/4, 2/4, 3/4, then all of the new prompt
         assert torch.allclose(tokens, lerp_tokens(own, target, (k + 1) / 4)), k
     assert torch.equal(given[3], target)
     session.params.offer({"control_strength": 0.5, "ff_alpha": 0.2})
-    given = provider(9, stream[0])
+    given = provider(Frame(stream[0], index=9))
     assert given.control_scale == 0.5 and given.fusion_alpha == 0.2
     report = " | ".join(provider.report())
     assert "2 live changes (frame 3: prompt 'oil painting' (blend 4 frames); frame 9: control strength 0.5, " \
@@ -166,13 +167,13 @@ def test_choices_the_inputs_cannot_serve_are_refused_before_any_work(parts):
     model, clip, positive = parts
     plain = tiny_models.encode_prompt(clip.clip, "no controlnet")
     with pytest.raises(ValueError, match="needs the checkpoint's CLIP connected"):
-        LoopConditioning(model, positive, None, ConditioningChoice(prompt_schedule="0: a"))
+        FrameSteering(model, positive, None, SteeringChoice(prompt_schedule="0: a"))
     with pytest.raises(ValueError, match="needs a ControlNet in the positive conditioning"):
-        LoopConditioning(model, plain, None, ConditioningChoice(control_hint=HINT_CANNY))
+        FrameSteering(model, plain, None, SteeringChoice(control_hint=HINT_CANNY))
     with pytest.raises(ValueError, match="needs a video: pick 'hint_file'"):
-        LoopConditioning(model, positive, None, ConditioningChoice(control_hint=HINT_VIDEO))
+        FrameSteering(model, positive, None, SteeringChoice(control_hint=HINT_VIDEO))
     with pytest.raises(ValueError, match="line 2"):
-        LoopConditioning(model, positive, clip, ConditioningChoice(prompt_schedule="0: a\nb"))
+        FrameSteering(model, positive, clip, SteeringChoice(prompt_schedule="0: a\nb"))
 
 
 def test_a_live_prompt_reaches_the_output_of_the_next_frame_through_the_engine(parts):
@@ -187,7 +188,7 @@ def test_a_live_prompt_reaches_the_output_of_the_next_frame_through_the_engine(p
 
     def run(change_at=None):
         session = SESSIONS.get("cond_engine")
-        provider = LoopConditioning(model, positive, clip, ConditioningChoice(blend_frames=3), session)
+        provider = FrameSteering(model, positive, clip, SteeringChoice(blend_frames=3), session)
         outputs = {}
 
         def source():
@@ -195,7 +196,7 @@ def test_a_live_prompt_reaches_the_output_of_the_next_frame_through_the_engine(p
                 if i == change_at:
                     session.params.offer({"prompt": "oil painting"})
                 yield frame
-        run_stream(model, positive, positive, vae, source(), settings, provider.watch(outputs.__setitem__),
+        run_stream(model, positive, positive, vae, source(), settings, provider.watch(lambda out: outputs.__setitem__(out.index, out.image)),
                    conditioning=provider)
         provider.close()
         return [outputs[i] for i in range(len(stream))], session.params.status()

@@ -1,4 +1,5 @@
-"""The browser webcam's routes on ComfyUI's server: one WebSocket per browser, plain HTTP for other clients.
+"""The loop's HTTP routes on ComfyUI's server: the browser webcam (one WebSocket per browser, plain HTTP for
+other clients), stop and status of a run, and live steering of a running loop (any source).
 
 GET  /streamv2v/webcam/{session}/ws      WebSocket (what the node's "Start webcam" uses):
      browser -> server  binary: 8-byte little-endian float64 stamp (the sender's clock, e.g. the capture
@@ -18,6 +19,14 @@ POST /streamv2v/loop/{session}/stop      ask the loop of that session to finish 
 GET  /streamv2v/loop/{session}/status    {"running", "stopped", "frames_in", "taken", "replaced", "dropped",
                                           "frames_out", "idle_s"}
 
+POST /streamv2v/loop/{session}/params   JSON object with any of prompt, blend_frames, control_strength,
+                                        ff_alpha, clear_bank (streamv2v_core/live/params.py says the rules)
+     200 {"accepted": {...}, "pending": n}: applied to the next frame that enters the stream
+     400 {"error": ...}: a bad name, body or value; nothing changes
+     404 {"error": ...}: no loop runs that session (no route creates one)
+     413: a body over 64 KiB;  429: too many changes waiting for the next frame
+GET  /streamv2v/loop/{session}/params   {"running", "can", "current", "pending", "changes", "log"}
+
 Session names are checked (400 with the rule); no route creates a session, so requests to names
 no loop runs cost no memory.
 """
@@ -29,21 +38,23 @@ import json
 import logging
 import struct
 import time
+from dataclasses import asdict
 
 from aiohttp import WSMsgType, web
 
-from ..streamv2v_core.live.session import SESSIONS, BrowserSession, check_session_name
+from ...streamv2v_core.live.session import SESSIONS, BrowserSession, check_session_name
 
 log = logging.getLogger("streamv2v")
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 STAMP = struct.Struct("<d")
 STATUS_EVERY_S = 0.5
 REASK_S = 5.0  # a "ready" with no frame in answer for this long is sent again (e.g. the camera was not on yet)
-IDLE_STATUS = {"running": False, "stopped": False, "frames_in": 0, "taken": 0, "replaced": 0, "dropped": {},
-               "frames_out": 0, "idle_s": None}
+MAX_BODY = 64 * 1024  # a live change
+# What the status and params routes answer for a session no loop has run: a fresh session's own answers.
+_IDLE = BrowserSession("idle")
 
 
-def _session_name(request: web.Request) -> str:
+def session_name(request: web.Request) -> str:
     try:
         return check_session_name(request.match_info["session"])
     except ValueError as error:
@@ -51,7 +62,7 @@ def _session_name(request: web.Request) -> str:
 
 
 async def post_frame(request: web.Request) -> web.Response:
-    name = _session_name(request)
+    name = session_name(request)
     data = await request.read()
     if not data or len(data) > MAX_FRAME_BYTES:
         return web.json_response({"error": "send one encoded image (JPEG/PNG/WebP) up to 16 MiB"}, status=400)
@@ -66,7 +77,7 @@ async def post_frame(request: web.Request) -> web.Response:
 
 
 async def get_output(request: web.Request) -> web.Response:
-    session = SESSIONS.find(_session_name(request))
+    session = SESSIONS.find(session_name(request))
     output = session.output if session else None
     headers = {"X-StreamV2V-Frames": str(session.frames_out if session else 0), "Cache-Control": "no-store"}
     if output is None:
@@ -77,7 +88,7 @@ async def get_output(request: web.Request) -> web.Response:
 
 
 async def post_stop(request: web.Request) -> web.Response:
-    name = _session_name(request)
+    name = session_name(request)
     session = SESSIONS.find(name)
     if session is not None:
         session.stop()
@@ -86,12 +97,12 @@ async def post_stop(request: web.Request) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
-    session = SESSIONS.find(_session_name(request))
-    return web.json_response(session.status() if session else IDLE_STATUS, headers={"Cache-Control": "no-store"})
+    session = SESSIONS.find(session_name(request))
+    return web.json_response((session or _IDLE).status(), headers={"Cache-Control": "no-store"})
 
 
 async def webcam_socket(request: web.Request) -> web.WebSocketResponse:
-    name = _session_name(request)
+    name = session_name(request)
     ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES + STAMP.size, heartbeat=30.0)
     await ws.prepare(request)
     await _Link(ws, name).run()
@@ -129,7 +140,7 @@ class _Link:
                 now = time.monotonic()
                 if now >= next_status:
                     next_status = now + STATUS_EVERY_S
-                    status = self.session.status() if self.session else IDLE_STATUS
+                    status = (self.session or _IDLE).status()
                     await self.ws.send_str(json.dumps({"type": "status", **status}))
         except (ConnectionResetError, RuntimeError):
             pass  # the browser went away mid-send
@@ -198,9 +209,49 @@ class _Link:
                 return
 
 
-def add_webcam_routes(routes: web.RouteTableDef) -> None:
+def _error(status: int, text: str) -> web.Response:
+    return web.json_response({"error": text}, status=status)
+
+
+async def post_params(request: web.Request) -> web.Response:
+    name = session_name(request)
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return _error(413, f"the body is over {MAX_BODY // 1024} KiB: send only the fields that change")
+    data = await request.content.read(MAX_BODY + 1)  # bounded even without a Content-Length
+    if len(data) > MAX_BODY:
+        return _error(413, f"the body is over {MAX_BODY // 1024} KiB: send only the fields that change")
+    session = SESSIONS.find(name)
+    if session is None or not session.running:
+        return _error(404, f"no loop is running on session {name!r}: queue the loop (or press Start) first")
+    try:
+        body = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        return _error(400, f"the body is not JSON: {error}")
+    try:
+        change = session.params.offer(body)
+    except LookupError as error:
+        return _error(404, str(error))
+    except OverflowError as error:
+        return _error(429, str(error))
+    except ValueError as error:
+        return _error(400, str(error))
+    log.info("StreamV2V session %r: live change requested: %s", name, change.describe())
+    return web.json_response({"accepted": {k: v for k, v in asdict(change).items() if v not in (None, False)},
+                              "pending": session.params.status()["pending"]})
+
+
+async def get_params(request: web.Request) -> web.Response:
+    session = SESSIONS.find(session_name(request))
+    return web.json_response((session or _IDLE).params.status(),
+                             headers={"Cache-Control": "no-store"})
+
+
+def add_loop_routes(routes: web.RouteTableDef) -> None:
+    """The loop's routes (webcam link, stop, status, live params) on ComfyUI's route table."""
     routes.get("/streamv2v/webcam/{session}/ws")(webcam_socket)
     routes.post("/streamv2v/webcam/{session}/frame")(post_frame)
     routes.get("/streamv2v/webcam/{session}/output")(get_output)
     routes.post("/streamv2v/loop/{session}/stop")(post_stop)
     routes.get("/streamv2v/loop/{session}/status")(get_status)
+    routes.post("/streamv2v/loop/{session}/params")(post_params)
+    routes.get("/streamv2v/loop/{session}/params")(get_params)

@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
-from typing import Any, Callable, Iterable, Iterator
-
-import torch
+from typing import Any, Iterable, Iterator
 
 import comfy.model_management
 
-from ..streamv2v_core.media.frames import FrameResizer, StreamSizer, select_frames
-from ..streamv2v_core.live.session import BrowserSession, live_frames
-from ..streamv2v_core.media.video_io import CameraSource, ImageFolderSource, VideoFileSource
-from .input_files import allowed_folder, resolve_input
-from .node_status import NodeStatus
-from .video_input import open_video
+from ...streamv2v_core.media.frames import FrameResizer, StreamSizer, select_frames
+from ...streamv2v_core.live.session import BrowserSession, live_frames
+from ...streamv2v_core.media.video_io import CameraSource, ImageFolderSource, VideoFileSource
+from ...streamv2v_core.stream.frame import Frame
+from ..input_files import allowed_folder, resolve_input
+from ..node_status import NodeStatus
+from ..video_input import open_video
 
 log = logging.getLogger("streamv2v")
 
@@ -51,11 +50,11 @@ class SourceChoice:
     fps: float = 0.0  # for image folders
 
     def open(self, video: Any = None, session: BrowserSession | None = None, sizer: StreamSizer | None = None,
-             status: Callable[[], NodeStatus] | None = None):
+             status: NodeStatus | None = None):
         """An open reader (``streamv2v_core.media.video_io`` protocol); errors before any work.
 
         A connected ``video`` is the source when ``source`` is "video file"; the browser
-        source reads ``session`` and needs the stream's ``sizer`` and the node's ``status()``.
+        source reads ``session`` and needs the stream's ``sizer`` and the node's ``status``.
         """
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
@@ -80,31 +79,31 @@ class SourceChoice:
 
 
 class BrowserSource:
-    """The browser webcam of a session as a reader: yields (frame, stamp) until Stop.
+    """The browser webcam of a session as a reader: yields ``Frame``s (with their stamps) until Stop.
 
-    While no frame comes it says so on the node (``status()`` gives the node's NodeStatus)
-    instead of hanging silently, and honours Cancel.
+    While no frame comes it says so on the node (``status``, the node's NodeStatus) instead of
+    hanging silently, and honours Cancel.
     """
 
     fps = total = ended_early = None
     total_exact = False
     name = "browser webcam"
 
-    def __init__(self, session: BrowserSession, sizer: StreamSizer, status: Callable[[], NodeStatus]):
+    def __init__(self, session: BrowserSession, sizer: StreamSizer, status: NodeStatus):
         self.session, self.sizer, self.status = session, sizer, status
         self.said = 0
 
     def audio(self, skip_seconds: float = 0.0) -> None:
         return None
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, float | None]]:
+    def __iter__(self) -> Iterator[Frame]:
         return live_frames(self.session, self.sizer.hint, self._idle)
 
     def _idle(self, seconds: float) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
         if seconds >= 2.0 and int(seconds) != self.said:  # about once a second
             self.said = int(seconds)
-            self.status().say(f"waiting for webcam frames: none for {seconds:.0f} s (press 'Start webcam' on the "
+            self.status.say(f"waiting for webcam frames: none for {seconds:.0f} s (press 'Start webcam' on the "
                               f"node, or Stop)")
 
     def close(self) -> None:
@@ -114,25 +113,22 @@ class BrowserSource:
 class FrameStream:
     """The frames a loop runs on: picked, sized, checked for cancel and Stop between frames.
 
-    Iterate it once; afterwards ``read`` (frames given) and ``stopped`` (Stop pressed) say how
-    it ended. With ``stamps`` (a deque), items are (frame, stamp) pairs and each frame's stamp
-    is appended to it when the frame is given, for the sink to send back with its output.
+    Iterate it once; it yields ``Frame``s of the stream's size (a live source's frames keep their
+    stamps and arrival times). Afterwards ``read`` (frames given) and ``stopped`` (Stop pressed)
+    say how it ended.
     """
 
-    def __init__(self, reader: Iterable, pick: FramePick, sizer: StreamSizer, session: BrowserSession,
-                 stamps=None):
-        self.reader, self.pick, self.sizer, self.session, self.stamps = reader, pick, sizer, session, stamps
+    def __init__(self, reader: Iterable, pick: FramePick, sizer: StreamSizer, session: BrowserSession):
+        self.reader, self.pick, self.sizer, self.session = reader, pick, sizer, session
         self.read = 0
         self.stopped = False
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[Frame]:
         p = self.pick
         for item in select_frames(self._until_stopped(), p.skip_first, p.every_nth, p.max_frames):
-            if self.stamps is not None:
-                item, stamp = item
-                self.stamps.append(stamp)
+            frame = item if isinstance(item, Frame) else Frame(item)
             self.read += 1
-            yield self.sizer(item)
+            yield replace(frame, image=self.sizer(frame.image))
 
     def _until_stopped(self):
         for item in self.reader:

@@ -5,10 +5,10 @@ import logging
 
 import torch
 
-from ..streamv2v_core.media.frames import select_frames, selected_count
-from ..streamv2v_core.media.video_io import shortfall
-from ..streamv2v_core.registry import Registry
-from .loop_sources import FramePick, SourceChoice
+from ...streamv2v_core.media.frames import select_frames, selected_count
+from ...streamv2v_core.media.video_io import shortfall
+from ...streamv2v_core.registry import Registry
+from .sources import FramePick, SourceChoice
 
 log = logging.getLogger("streamv2v")
 

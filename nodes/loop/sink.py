@@ -1,18 +1,16 @@
 """Where a loop's restyled frames go: the MP4, the node's preview and status, the browser."""
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from fractions import Fraction
 
-import torch
-
-from ..streamv2v_core.media.frames import fit_to, to_uint8
-from ..streamv2v_core.live.session import BrowserSession
-from ..streamv2v_core.media.mp4_writer import AudioFile, AudioSamples, Mp4Writer
-from .node_status import NodeStatus
-from .output_files import OutputFile, reserve_output
+from ...streamv2v_core.media.frames import fit_to, to_uint8
+from ...streamv2v_core.live.session import BrowserSession
+from ...streamv2v_core.media.mp4_writer import AudioFile, AudioSamples, Mp4Writer
+from ...streamv2v_core.stream.frame import Output
+from ..node_status import NodeStatus
+from ..output_files import OutputFile, reserve_output
 
 log = logging.getLogger("streamv2v")
 
@@ -22,24 +20,22 @@ class LoopSink:
 
     The MP4 (``prefix`` given) is created on the first frame, so input the engine refuses
     before its first output leaves no file behind. With a browser ``session`` each frame is
-    published there with the stamp of the frame it was made from (``stamps``: the pipeline
-    appends one per frame it hands the engine, in order).
+    published there with the stamp of the frame its pixels came from (``Output.source``).
     """
 
     def __init__(self, prefix: str | None, rate: Fraction | None, audio: AudioFile | AudioSamples | None,
                  status: NodeStatus, session: BrowserSession | None = None):
         self.prefix, self.rate, self.audio = prefix, rate, audio
         self.status, self.session = status, session
-        self.stamps: collections.deque | None = collections.deque() if session is not None else None
         self.output: OutputFile | None = None
         self.writer: Mp4Writer | None = None
         self.size: tuple[int, int] | None = None
         self.frames, self.last = 0, None
         self.first_at = self.last_at = 0.0
 
-    def put(self, index: int, image: torch.Tensor) -> None:
-        """Frame ``index`` (``[H, W, 3]``) is finished: write, publish and show it now."""
-        image = image.detach().cpu()
+    def put(self, out: Output) -> None:
+        """Output ``out`` (image ``[H, W, 3]``) is finished: write, publish and show it now."""
+        image = out.image.detach().cpu()
         self.last_at = time.monotonic()
         if self.size is None:
             self.first_at = self.last_at
@@ -53,7 +49,7 @@ class LoopSink:
             self.writer.write(pixels)
         self.frames, self.last = self.frames + 1, image
         if self.session is not None:
-            self.session.publish(pixels, self.stamps.popleft() if self.stamps else None)
+            self.session.publish(pixels, out.source.stamp)
         self.status.frame(self.frames, pixels, self.progress_text())
 
     def fps(self) -> float:
