@@ -13,12 +13,13 @@ arithmetic per (frame, step) is the same, so both modes give the same frames.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ..seeds import generator
+from .frame_schedule import FrameSchedule, noise_rows, sigma_rows
+from .noise import NoiseSource  # noqa: F401 (the pipeline's noise, imported from here by callers)
 
 # denoise(x [R, C, h, w], sigma [R], frames, steps) -> denoised [R, C, h, w]
 Denoise = Callable[[torch.Tensor, torch.Tensor, list[int], list[int]], torch.Tensor]
@@ -27,48 +28,14 @@ NoiseScaling = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.
 
 
 @dataclass
-class NoiseSource:
-    """Gaussian noise per (frame, step), drawn on the latents' device; ``fixed`` reuses one per step.
-
-    Noise depends only on (seed, frame, step), never on call order, so the stream batch,
-    sequential mode and runs continued across prompts see the same noise. Fixed noise is
-    drawn once per step and kept.
-    """
-
-    seed: int
-    fixed: bool = True
-    _kept: dict = field(default_factory=dict, repr=False)
-
-    def one(self, frame: int, step: int, like: torch.Tensor) -> torch.Tensor:
-        """Noise ``like``-shaped ``[1, C, h, w]`` for ``frame`` at ``step``."""
-        frame = 0 if self.fixed else frame
-        key = (frame, step, tuple(like.shape), like.device, like.dtype)
-        if key in self._kept:
-            return self._kept[key]
-        g = generator(like.device, self.seed, frame, step)
-        noise = torch.randn(like.shape, generator=g, device=like.device, dtype=torch.float32).to(like.dtype)
-        if self.fixed:
-            self._kept[key] = noise
-        return noise
-
-    def rows(self, frames: list[int], steps: list[int], like: torch.Tensor) -> torch.Tensor:
-        """Noise ``[R, C, h, w]`` for rows ``(frames[i], steps[i])``; ``like`` is one row ``[1, C, h, w]``."""
-        if self.fixed and steps == list(range(steps[0], steps[0] + len(steps))):
-            key = ("steps", steps[0], len(steps), tuple(like.shape), like.device, like.dtype)
-            if key not in self._kept:
-                self._kept[key] = torch.cat([self.one(0, s, like) for s in steps])
-            return self._kept[key]
-        parts = [self.one(f, s, like) for f, s in zip(frames, steps)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-@dataclass
 class InFlight:
-    """Latents between model calls: ``x`` ``[R, C, h, w]``, row i is ``frames[i]`` at ``steps[i]`` (newest first)."""
+    """Latents between model calls: ``x`` ``[R, C, h, w]``, row i is ``frames[i]`` at ``steps[i]`` (newest first),
+    denoised with ``schedules[i]`` (its frame's own sigmas and noise, ``frame_schedule.py``)."""
 
     frames: list[int]
     steps: list[int]
     x: torch.Tensor | None
+    schedules: list[FrameSchedule] | None = None
 
 
 class StreamPipeline:
@@ -84,40 +51,44 @@ class StreamPipeline:
         if len(sigma_values) < 2:
             raise ValueError("the schedule needs at least one step")
         self.steps = len(sigma_values) - 1
-        self.sigmas, self.denoise, self.noise_scaling, self.noise = sigmas, denoise, noise_scaling, noise
-        self.full_noise_first = full_noise_first
+        self.denoise, self.noise_scaling = denoise, noise_scaling
+        self.own = FrameSchedule(sigmas, tuple(sigma_values), noise, full_noise_first)  # frames pushed without one
         self.state = in_flight or InFlight([], [], None)
+        if self.state.schedules is None:  # frames kept in flight before schedules travelled with them
+            self.state.schedules = [self.own] * len(self.state.frames)
 
     def __len__(self) -> int:
         return len(self.state.frames)
 
-    def push(self, frame: int, latent: torch.Tensor) -> None:
-        """Noise ``latent`` ``[1, C, h, w]`` to the first step and put it at the head of the pipeline."""
-        sigma = self.sigmas[0:1].view(1, 1, 1, 1)
-        x = self.noise_scaling(sigma, self.noise.one(frame, 0, latent), latent, self.full_noise_first)
+    def push(self, frame: int, latent: torch.Tensor, schedule: FrameSchedule | None = None) -> None:
+        """Noise ``latent`` ``[1, C, h, w]`` to the first step and put it at the head of the pipeline.
+
+        ``schedule``: the frame's own sigmas and noise (a live strength or seed change), kept until
+        it leaves; None: the pipeline's own.
+        """
+        schedule = schedule or self.own
+        if len(schedule.sigma_values) != self.steps + 1:
+            raise ValueError(f"a frame's schedule has {len(schedule.sigma_values) - 1} steps, the stream {self.steps}")
+        sigma = schedule.sigmas[0:1].view(1, 1, 1, 1)
+        x = self.noise_scaling(sigma, schedule.noise.one(frame, 0, latent), latent, schedule.full_noise_first)
         s = self.state
-        self.state = InFlight([frame] + s.frames, [0] + s.steps, x if s.x is None else torch.cat([x, s.x]))
+        self.state = InFlight([frame] + s.frames, [0] + s.steps, x if s.x is None else torch.cat([x, s.x]),
+                              [schedule] + s.schedules)
 
     def step(self) -> tuple[int, torch.Tensor] | None:
         """One model call on every latent in flight; returns ``(frame, denoised [1, C, h, w])`` if one finished."""
         s = self.state
         if s.x is None:
             return None
-        denoised = self.denoise(s.x, self._sigma_rows(s.steps), s.frames, s.steps)
+        denoised = self.denoise(s.x, sigma_rows(s.schedules, s.steps), s.frames, s.steps)
         done = s.steps[-1] + 1 == self.steps
         keep = len(s.frames) - 1 if done else len(s.frames)
         if keep:
-            frames, steps = s.frames[:keep], [t + 1 for t in s.steps[:keep]]
-            sigma = self._sigma_rows(steps).view(-1, 1, 1, 1)
+            frames, steps, schedules = s.frames[:keep], [t + 1 for t in s.steps[:keep]], s.schedules[:keep]
+            sigma = sigma_rows(schedules, steps).view(-1, 1, 1, 1)
             moved = denoised if keep == len(s.frames) else denoised[:keep]
-            x = self.noise_scaling(sigma, self.noise.rows(frames, steps, moved[:1]), moved, False)
-            self.state = InFlight(frames, steps, x)
+            x = self.noise_scaling(sigma, noise_rows(schedules, frames, steps, moved[:1]), moved, False)
+            self.state = InFlight(frames, steps, x, schedules)
         else:
-            self.state = InFlight([], [], None)
+            self.state = InFlight([], [], None, [])
         return (s.frames[-1], denoised[-1:]) if done else None
-
-    def _sigma_rows(self, steps: list[int]) -> torch.Tensor:
-        first = steps[0]
-        if steps == list(range(first, first + len(steps))):
-            return self.sigmas[first:first + len(steps)]  # a view: no kernel
-        return torch.stack([self.sigmas[t] for t in steps])
