@@ -13,6 +13,16 @@ What a change may hold (all optional, at least one):
     control_strength  float 0..10: multiplies every ControlNet's own strength
     ff_alpha          float 0..1: feature fusion's alpha (the paper's 0.75)
     clear_bank        true: forget the feature bank's past (a new scene)
+    seed              int 0..2^64-1: the new seed's noise blended in over blend_frames (spherical interpolation)
+    strength          float 0.01..1: SDEdit strength of the frames entering from now on (new timesteps)
+    cfg               float 0..30: guidance scale of the frames entering from now on
+    residual_delta    float 0..1: residual CFG's delta (only with a residual guidance)
+    negative_prompt   str, 0..4000 characters: encoded once with the loop's CLIP, blended in like a prompt
+    preset            int 1..8: recall a stored snapshot of these fields (``set_presets``): one change
+
+What each costs is in the README's "Playing live": a prompt one CLIP encode; seed, strength, cfg
+and delta no encode and no model call (a strength change reads its S sigmas from the model once
+and keeps them; the bank is kept in every case but clear_bank).
 """
 from __future__ import annotations
 
@@ -26,7 +36,13 @@ MAX_BLEND_FRAMES = 1000
 MAX_CONTROL_STRENGTH = 10.0  # as core Apply ControlNet
 MAX_PENDING = 16             # changes sent faster than frames arrive: the route refuses more
 MAX_LOG = 100
-FIELDS = ("prompt", "blend_frames", "control_strength", "ff_alpha", "clear_bank")
+MAX_SEED = 0xFFFFFFFFFFFFFFFF  # as the nodes' seed input
+MIN_STRENGTH, MAX_CFG = 0.01, 30.0  # as the nodes' strength and cfg inputs
+MAX_PRESETS = 8
+FIELDS = ("prompt", "blend_frames", "control_strength", "ff_alpha", "clear_bank",
+          "seed", "strength", "cfg", "residual_delta", "negative_prompt", "preset")
+PRESET_FIELDS = ("prompt", "negative_prompt", "blend_frames", "seed", "strength", "cfg", "residual_delta",
+                 "control_strength", "ff_alpha")  # what a preset snapshots (a bank clear is an act, not a look)
 
 
 @dataclass(frozen=True)
@@ -37,6 +53,7 @@ class Capabilities:
     control: bool = False   # the conditioning holds a ControlNet
     fusion: bool = False    # the model has a FeatureFusionPatch
     bank: bool = False      # the model uses a feature bank
+    residual: bool = False  # the loop's guidance is a residual CFG (residual_delta acts)
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,12 @@ class Change:
     control_strength: float | None = None
     ff_alpha: float | None = None
     clear_bank: bool = False
+    seed: int | None = None
+    strength: float | None = None
+    cfg: float | None = None
+    residual_delta: float | None = None
+    negative_prompt: str | None = None
+    preset: int | None = None  # the preset this change recalled (its fields are above)
 
     def describe(self) -> str:
         """'prompt "oil painting" (blend 8 frames), control strength 0.5' for logs and the report."""
@@ -63,7 +86,20 @@ class Change:
             parts.append(f"FF alpha {self.ff_alpha:g}")
         if self.clear_bank:
             parts.append("bank cleared")
-        return ", ".join(parts)
+        if self.seed is not None:
+            parts.append(f"seed {self.seed}")
+        parts += [f"{label} {value:g}" for label, value in (("strength", self.strength), ("cfg", self.cfg),
+                                                             ("residual delta", self.residual_delta))
+                  if value is not None]
+        if self.negative_prompt is not None:
+            shown = self.negative_prompt if len(self.negative_prompt) <= 60 else self.negative_prompt[:57] + "..."
+            parts.append(f"negative prompt {shown!r}")
+        text = ", ".join(parts)
+        return f"preset {self.preset}: {text}" if self.preset is not None else text
+
+    def fields(self) -> dict:
+        """The fields this change sets (JSON-ready; what a take file records)."""
+        return {k: v for k, v in asdict(self).items() if v is not None and v is not False}
 
 
 def _number(body: dict, name: str, low: float, high: float, integer: bool = False):
@@ -77,29 +113,79 @@ def _number(body: dict, name: str, low: float, high: float, integer: bool = Fals
     return int(value) if integer else float(value)
 
 
-def parse_change(body, can: Capabilities) -> Change:
-    """A ``Change`` from a decoded JSON body; ValueError saying which field is wrong and why."""
+def _text(body: dict, name: str, can: Capabilities, empty_ok: bool = False) -> str | None:
+    text = body.get(name)
+    if text is None:
+        return None
+    if not isinstance(text, str) or (not text.strip() and not empty_ok) or len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} must be text of {0 if empty_ok else 1} to {MAX_PROMPT_CHARS} characters")
+    if not can.clip:
+        raise ValueError(f"the loop has no CLIP connected: connect the checkpoint's CLIP to the loop node's "
+                         f"'clip' input to change the {name.replace('_', ' ')} live")
+    return text.strip()
+
+
+def parse_change(body, can: Capabilities, presets: list | None = None) -> Change:
+    """A ``Change`` from a decoded JSON body; ValueError saying which field is wrong and why.
+
+    ``presets``: the session's stored presets (``preset: n`` recalls number n, 1-based, as one change;
+    fields sent beside it win).
+    """
     if not isinstance(body, dict):
         raise ValueError(f"send a JSON object with any of {', '.join(FIELDS)}")
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))}: allowed are {', '.join(FIELDS)}")
-    prompt = body.get("prompt")
-    if prompt is not None:
-        if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt must be text of 1 to {MAX_PROMPT_CHARS} characters")
-        if not can.clip:
-            raise ValueError("the loop has no CLIP connected: connect the checkpoint's CLIP to the loop node's "
-                             "'clip' input to change the prompt live")
-    change = Change(prompt=prompt.strip() if prompt is not None else None,
+    preset = _number(body, "preset", 1, MAX_PRESETS, integer=True)
+    if preset is not None:
+        body = {**_stored_preset(presets, preset), **{k: v for k, v in body.items() if k != "preset"}}
+    change = Change(prompt=_text(body, "prompt", can),
                     blend_frames=_number(body, "blend_frames", 0, MAX_BLEND_FRAMES, integer=True),
                     control_strength=_number(body, "control_strength", 0.0, MAX_CONTROL_STRENGTH),
                     ff_alpha=_number(body, "ff_alpha", 0.0, 1.0),
-                    clear_bank=_flag(body))
+                    clear_bank=_flag(body),
+                    seed=_number(body, "seed", 0, MAX_SEED, integer=True),
+                    strength=_number(body, "strength", MIN_STRENGTH, 1.0),
+                    cfg=_number(body, "cfg", 0.0, MAX_CFG),
+                    residual_delta=_number(body, "residual_delta", 0.0, 1.0),
+                    negative_prompt=_text(body, "negative_prompt", can, empty_ok=True),
+                    preset=preset)
     _check_capabilities(change, can)
     if change == Change():
         raise ValueError(f"nothing to change: send any of {', '.join(FIELDS)}")
     return change
+
+
+def _stored_preset(presets: list | None, number: int) -> dict:
+    stored = presets[number - 1] if presets and number <= len(presets) else None
+    if not stored:
+        raise ValueError(f"preset {number} is empty: store one first (the panel's preset buttons, or the loop's "
+                         f"presets)")
+    return stored
+
+
+def check_presets(presets) -> list[dict | None]:
+    """Up to ``MAX_PRESETS`` snapshots (None: an empty slot), each a dict of ``PRESET_FIELDS`` with valid values.
+
+    Values are checked as a change is (capabilities at recall: a preset may hold a prompt for a loop
+    that has a CLIP next time); ValueError naming the preset and the field.
+    """
+    if not isinstance(presets, list) or len(presets) > MAX_PRESETS:
+        raise ValueError(f"presets must be a list of at most {MAX_PRESETS} snapshots (null for an empty slot)")
+    everything = Capabilities(clip=True, control=True, fusion=True, bank=True, residual=True)
+    out = []
+    for number, preset in enumerate(presets, 1):
+        if preset is None or preset == {}:
+            out.append(None)
+            continue
+        if not isinstance(preset, dict) or set(preset) - set(PRESET_FIELDS):
+            raise ValueError(f"preset {number} must be an object with any of {', '.join(PRESET_FIELDS)}")
+        try:
+            parse_change(preset, everything)
+        except ValueError as error:
+            raise ValueError(f"preset {number}: {error}") from None
+        out.append(dict(preset))
+    return out
 
 
 def _flag(body: dict) -> bool:
@@ -117,6 +203,9 @@ def _check_capabilities(change: Change, can: Capabilities) -> None:
         raise ValueError("the loop's model has no StreamV2V Feature Fusion patch: ff_alpha changes nothing")
     if change.clear_bank and not can.bank:
         raise ValueError("the loop's model uses no feature bank: there is nothing to clear")
+    if change.residual_delta is not None and not can.residual:
+        raise ValueError("the loop's guidance is full CFG: residual_delta acts only with a residual guidance (set the "
+                         "loop's 'guidance' to a residual one)")
 
 
 class LiveParams:
@@ -129,6 +218,7 @@ class LiveParams:
         self.log: collections.deque[tuple[int, str]] = collections.deque(maxlen=MAX_LOG)
         self.changes = 0  # applied, including those the log has forgotten
         self.current: dict = {}
+        self.presets: list[dict | None] = []  # kept across runs: the workflow's snapshots (``set_presets``)
 
     def begin(self, can: Capabilities, current: dict) -> None:
         """A loop starts on this session: forget the previous run's changes."""
@@ -148,12 +238,19 @@ class LiveParams:
         with self._lock:
             if self.capabilities is None:
                 raise LookupError("no loop is running on this session: start one first")
-            change = parse_change(body, self.capabilities)
+            change = parse_change(body, self.capabilities, self.presets)
             if len(self._pending) >= MAX_PENDING:
                 raise OverflowError(f"{MAX_PENDING} changes are already waiting for the next frame: "
                                     f"send the next one after it")
             self._pending.append(change)
         return change
+
+    def set_presets(self, presets) -> list[dict | None]:
+        """Replace the stored presets (checked: ValueError, nothing changes); returns them."""
+        checked = check_presets(presets)
+        with self._lock:
+            self.presets = checked
+        return checked
 
     def take(self) -> list[Change]:
         """The changes waiting, oldest first (the loop applies them to the frame entering now)."""
@@ -174,4 +271,5 @@ class LiveParams:
             return {"running": self.capabilities is not None,
                     "can": asdict(self.capabilities) if self.capabilities else None,
                     "current": dict(self.current), "pending": len(self._pending), "changes": self.changes,
+                    "presets": [number for number, p in enumerate(self.presets, 1) if p],
                     "log": [{"frame": frame, "change": text} for frame, text in self.log]}
