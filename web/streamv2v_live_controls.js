@@ -7,14 +7,14 @@ import { api } from "../../scripts/api.js";
 
 const POLL_MS = 1000;
 
-function element(tag, css, text) {
+export function element(tag, css, text) {
   const e = document.createElement(tag);
   if (css) e.style.cssText = css;
   if (text !== undefined) e.textContent = text;
   return e;
 }
 
-function slider(label, min, max, step, value) {
+export function slider(label, min, max, step, value) {
   const wrap = element("label", "display:flex;align-items:center;gap:4px;font-size:12px;white-space:nowrap;");
   const input = element("input", "width:110px;");
   Object.assign(input, { type: "range", min, max, step, value });
