@@ -18,6 +18,7 @@ const PRESETS_KEY = "streamv2v_presets";  // node.properties: 8 snapshots (null:
 const PRESETS = 8;
 const SEND_MS = 40;                       // a knob sends ~100 values a second: the newest per control every 40 ms
 const MAX_SEED = 2 ** 53 - 1;             // what a JSON number carries exactly
+const EXTRA_HEIGHT = 130;                 // the instrument's rows under the live controls (the mapping view adds its own)
 const CC = 0xb0, NOTE_ON = 0x90, NOTE_OFF = 0x80;
 
 // What a MIDI message means: { kind, channel (1-16), number, value (0..127) } or null (clock, sysex, note off).
@@ -125,9 +126,7 @@ export class Instrument {
     const wrap = element("div", "display:flex;flex-direction:column;gap:2px;");
     const bar = element("div", "display:flex;gap:6px;align-items:center;");
     this.mapButton = element("button", "padding:2px 8px;border-radius:6px;cursor:pointer;", "MIDI map");
-    this.mapButton.addEventListener("click", () => {
-      this.mappingView.style.display = this.mappingView.style.display === "none" ? "" : "none";
-    });
+    this.mapButton.addEventListener("click", () => this.toggleMapping());
     this.midiStatus = element("span", "opacity:0.85;");
     this.midiStatus.className = "streamv2v-midi-status";
     bar.append(this.mapButton, this.midiStatus);
@@ -135,6 +134,14 @@ export class Instrument {
     this.mappingView.className = "streamv2v-midi-map";
     wrap.append(bar, this.mappingView);
     return wrap;
+  }
+
+  // The node grows by what the mapping view needs (the panel's picture shrinks otherwise).
+  toggleMapping() {
+    const before = this.mappingView.offsetHeight;
+    this.mappingView.style.display = this.mappingView.style.display === "none" ? "" : "none";
+    this.node.setSize([this.node.size[0], this.node.size[1] + this.mappingView.offsetHeight - before]);
+    app.graph?.setDirtyCanvas?.(true, true);
   }
 
   defineControls() {
@@ -372,6 +379,7 @@ function attach(node) {
   if (!panel?.controls || panel.instrument) return;
   panel.instrument = new Instrument(panel);
   panel.controls.root.after(panel.instrument.root);
+  node.setSize([node.size[0], node.size[1] + EXTRA_HEIGHT]);
 }
 
 app.registerExtension({
