@@ -83,11 +83,12 @@ class RunConditioning:
     provider: optional ``(Frame) -> FrameConditioning | None`` per input frame (kept as ``frame.conditioning``).
     like: a latent ``[1, C, h, w]`` (shape, device) for processing a frame's own conditioning.
     sigma_values: host floats per step (a ControlNet's start/end percent is decided from them).
+    schedules: ``(strength, seed) -> FrameSchedule | None`` for a frame's own live strength or seed.
     """
 
     def __init__(self, guider, frame_count: int | None, provider: Callable | None, like: torch.Tensor,
-                 sigma_values: list[float], base_model):
-        self.guider, self.template = guider, guider.conds
+                 sigma_values: list[float], base_model, schedules: Callable | None = None):
+        self.guider, self.template, self.schedules = guider, guider.conds, schedules
         self.frame_count, self.provider, self.like = frame_count, provider, like
         self.sigma_values, self.base_model = sigma_values, base_model
         self.controls = self._controls()
@@ -149,6 +150,9 @@ class RunConditioning:
             hint = RowRef(own.hint[:1].movedim(-1, 1).to(self.like.device, non_blocking=True), 0)
             rows.hints = {k: hint for k in range(len(self.controls))}
         rows.control_scale, rows.fusion_alpha = float(own.control_scale), own.fusion_alpha
+        rows.cfg, rows.residual_delta = own.cfg, own.residual_delta
+        if self.schedules is not None and (own.strength is not None or own.seed is not None):
+            rows.schedule = self.schedules(own.strength, own.seed)
 
     def _process(self, conditioning: list, side: str) -> list[dict]:
         """A frame's own conditioning as ComfyUI's model conds (once per list object: a prompt change costs one)."""
@@ -165,14 +169,18 @@ class RunConditioning:
 
     # -- a call ---------------------------------------------------------------------------
     def group_keys(self, rows: list[FrameRows], steps: list[int]) -> list[Hashable]:
-        """Per row what must be equal within one call: active ControlNets and cond ranges, strength, alpha."""
-        return [(self._active(step), row.control_scale, row.fusion_alpha) for row, step in zip(rows, steps)]
+        """Per row what must be equal within one call: active ControlNets and cond ranges, strength, alpha, guidance."""
+        return [(self._active(self._sigma(row, step)), row.control_scale, row.fusion_alpha, row.cfg, row.residual_delta)
+                for row, step in zip(rows, steps)]
 
     def groups(self, rows: list[FrameRows], steps: list[int]) -> list[tuple[int, int]]:
         return split_where_changed(self.group_keys(rows, steps))
 
-    def _active(self, step: int) -> tuple:
-        sigma = self.sigma_values[step]
+    def _sigma(self, row: FrameRows, step: int) -> float:
+        """The row's sigma at ``step``: from its frame's own schedule (a live strength change) or the run's."""
+        return (row.schedule.sigma_values if row.schedule is not None else self.sigma_values)[step]
+
+    def _active(self, sigma: float) -> tuple:
         controls = tuple(c.timestep_range is None or not (sigma > c.timestep_range[0] or sigma < c.timestep_range[1])
                          for c in self.controls)
         entries = tuple(not (sigma > e.get("timestep_start", float("inf")) or sigma < e.get("timestep_end", -1.0))
@@ -186,7 +194,7 @@ class RunConditioning:
             value, shared = stacked([row.refs.get(key) or RowRef(tensor, 0) for row in rows])
             if not (shared and value is tensor):
                 stacked_rows[key] = value
-        copies = self._control_copies(self._active(steps[0])[0], rows[0].control_scale)
+        copies = self._control_copies(self._active(self._sigma(rows[0], steps[0]))[0], rows[0].control_scale)
         for k, control in enumerate(self.controls):
             copy = copies.get(id(control))
             if copy is not None and k in rows[0].hints:

@@ -80,9 +80,10 @@ class Mp4Writer:
             self.container.close()
             raise
 
-    def write(self, image: torch.Tensor | np.ndarray) -> None:
+    def write(self, image: torch.Tensor | np.ndarray, at_ms: int | None = None) -> None:
         """Encode ``image [height, width, 3]`` (float in 0..1, or uint8 pixels) and mux it (and the audio up to
-        its end)."""
+        its end). ``at_ms``: with the wall clock (no ``fps``), the frame's time in ms from the first instead
+        of the clock's (a take re-rendered keeps the live take's times)."""
         if tuple(image.shape[:2]) != (self.height, self.width):
             raise ValueError(f"frame is {image.shape[1]}x{image.shape[0]}, the MP4 is {self.width}x{self.height}")
         pixels = image if isinstance(image, np.ndarray) else to_uint8(image)
@@ -92,7 +93,8 @@ class Mp4Writer:
         else:
             now = time.monotonic()
             self._clock_start = now if self._clock_start is None else self._clock_start
-            frame.pts = max(self._last_pts + 1, round((now - self._clock_start) * 1000))
+            at = round((now - self._clock_start) * 1000) if at_ms is None else int(at_ms)
+            frame.pts = max(self._last_pts + 1, at)
         frame.time_base = self._time_base
         self._last_pts = frame.pts
         for packet in self.video.encode(frame):
@@ -100,6 +102,11 @@ class Mp4Writer:
         self.frames += 1
         if self._audio:
             self._audio.copy_until(self.duration())
+
+    @property
+    def last_ms(self) -> int | None:
+        """The time (ms) of the last frame written with the wall clock (None with a frame rate, or none yet)."""
+        return None if self.fps or not self.frames else self._last_pts
 
     def duration(self) -> float:
         """Seconds of video written (end of the last frame)."""

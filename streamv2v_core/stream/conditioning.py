@@ -29,6 +29,9 @@ class FrameConditioning:
     the run's conditioning for this frame.
     control_scale: multiplies every ControlNet's own strength for this frame.
     fusion_alpha: replaces every FeatureFusionPatch's alpha for this frame.
+    strength: the frame's own SDEdit strength (its own timesteps; the frames in flight keep theirs).
+    seed: the frame's noise: a seed, or a ``noise.SeedBlend`` of two (a live seed change blended in).
+    cfg, residual_delta: the frame's own guidance scale and residual delta.
     """
 
     positive: list | None = None
@@ -36,6 +39,10 @@ class FrameConditioning:
     hint: torch.Tensor | None = None
     control_scale: float = 1.0
     fusion_alpha: float | None = None
+    strength: float | None = None
+    seed: object = None  # int | SeedBlend | None
+    cfg: float | None = None
+    residual_delta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,9 @@ class FrameRows:
     refs: per conditioning tensor (keyed by the bridge, e.g. ``("positive", 0, "c_crossattn")``)
     the frame's row. hints: per ControlNet (by its position in the run's chain list) the
     frame's hint ``[1, 3, H, W]``, already on the model's device. x0: the frame's clean
-    latent ``[1, C, h, w]`` when residual guidance needs it (its "virtual negative").
+    latent ``[1, C, h, w]`` when residual guidance needs it (its "virtual negative"). schedule:
+    the frame's own sigmas and noise (``frame_schedule.FrameSchedule``; None: the run's); cfg and
+    residual_delta: its own guidance (None: the run's).
     """
 
     refs: dict[Hashable, RowRef] = field(default_factory=dict)
@@ -68,6 +77,9 @@ class FrameRows:
     control_scale: float = 1.0
     fusion_alpha: float | None = None
     x0: torch.Tensor | None = None
+    schedule: object = None
+    cfg: float | None = None
+    residual_delta: float | None = None
 
 
 def stacked(rows: list[RowRef]) -> tuple[torch.Tensor, bool]:
