@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 
+from streamv2v.streamv2v_core.live.params import Change
+from streamv2v.streamv2v_core.live.sampling_track import SamplingTrack
 from streamv2v.streamv2v_core.stream.frame_schedule import FrameSchedule, noise_rows, shared, sigma_rows
 from streamv2v.streamv2v_core.stream.noise import (MAX_BLEND_DEPTH, BlendedNoise, NoiseSource, SeedBlend, noise_of,
                                                    seed_step, slerp)
@@ -102,15 +104,13 @@ def test_live_seed_cut_gives_the_frames_of_a_run_with_that_seed(fixed):
 
 
 def seed_track(first_seed, changes, frames, blend):
-    """Each frame's seed spec: ``changes`` {frame: seed}, each blended in over ``blend`` frames (the steering rule)."""
-    specs, spec, live = [], first_seed, None
+    """Each frame's seed spec from the loop's steering (``SamplingTrack``): ``changes`` {frame: seed}."""
+    track, specs = SamplingTrack(), []
     for f in range(frames):
         if f in changes:
-            live = (spec, changes[f], f)
-        if live is not None:
-            start, seed, at = live
-            spec = seed_step(start, seed, (f - at + 1) / blend if blend > 1 else 1.0)
-        specs.append(spec)
+            track.apply(Change(seed=changes[f]), f, blend, first_seed)
+        spec = track.seed_for(f)
+        specs.append(first_seed if spec is None else spec)
     return specs
 
 
@@ -184,3 +184,13 @@ def test_rows_of_one_schedule_take_the_fast_path():
     assert noise_rows([one, twin], [3, 2], [0, 1], like) is noise_rows([one, one], [5, 4], [0, 1], like)
     mixed = sigma_rows([one, schedule(0.5, NoiseSource(7))], [0, 1])
     assert mixed.tolist() == [one.sigma_values[0], sigmas_for(0.5)[1]]
+
+
+def test_a_seed_changed_during_its_blend_starts_from_where_the_blend_was():
+    specs = seed_track(7, {2: 8, 4: 9}, 10, 4)
+    assert specs[4] == SeedBlend(SeedBlend(7, 8, 0.5), 9, 0.25)  # frame 3 had 8 at 0.5 of the way
+    assert specs[7:] == [9, 9, 9]
+    track = SamplingTrack()
+    track.apply(Change(strength=0.6, cfg=2.0), 0, 4, 7)
+    assert (track.strength, track.cfg, track.residual_delta, track.seed_for(0), track.steered) == \
+        (0.6, 2.0, None, None, True)

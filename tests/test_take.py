@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 from PIL import Image
 
 from streamv2v.streamv2v_core.file_rules import FileRefused
@@ -102,3 +103,15 @@ def test_recording_never_overwrites_and_stops_quietly_on_errors(tmp_path):
         os.chmod(tmp_path / "u", 0o700)
     take.close()
     assert extension_of(b"\x89PNG....") == "png" and extension_of(b"??") == "bin"
+
+
+def test_a_take_replays_the_frames_the_live_loop_decoded(tmp_path):
+    from streamv2v.streamv2v_core.live.session import decode_frame
+    from streamv2v.streamv2v_core.live.take import TakeSource
+
+    record(tmp_path / "t").close()
+    source = TakeSource(read_take(str(tmp_path / "t")), fit=lambda: (24, 32))
+    frames = list(source)
+    assert source.total == 3 and len(frames) == 3
+    for i, frame in enumerate(frames):
+        assert torch.equal(frame, decode_frame(jpeg(i), (24, 32)))

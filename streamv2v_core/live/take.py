@@ -26,9 +26,13 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
 
 from ..file_rules import FileRefused, check_inside, read_image_bytes
 from .params import Capabilities, Change, parse_change
+from .session import decode_frame
 
 log = logging.getLogger("streamv2v")
 
@@ -209,3 +213,29 @@ def _frame(take: Take, entry: dict) -> None:
             or len(take.frames) >= MAX_TAKE_FRAMES:
         raise ValueError("frames must be numbered 0, 1, ... with a plain file name in the take's folder")
     take.frames.append({"file": name, "stamp": entry.get("stamp"), "received_at": entry.get("received_at")})
+
+
+class TakeSource:
+    """A take's frames as a loop source (``media.video_io``'s reader protocol), decoded as the live loop decoded
+    them: the same bytes through the same decoder, at the stream's size (``fit()``) once known."""
+
+    fps = None
+    ended_early = None
+    total_exact = True
+
+    def __init__(self, take: Take, fit: Callable[[], tuple[int, int] | None] = lambda: None):
+        self.take, self.fit = take, fit
+        self.name = os.path.basename(take.folder)
+        self.total = len(take.frames)
+        if not self.total:
+            raise ValueError(f"the take {self.name!r} holds no frames")
+
+    def audio(self, skip_seconds: float = 0.0) -> None:
+        return None
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in range(self.total):
+            yield decode_frame(self.take.frame_bytes(i), self.fit())
+
+    def close(self) -> None:
+        pass
