@@ -4,14 +4,15 @@ Messages change the session's live parameters through the route's own check, a p
 change, and hostile traffic (garbage, oversized datagrams, huge bundles, future time tags, other
 sessions' addresses) leaves the listener answering, its memory flat and nothing sent back.
 """
-import os
 import socket
 import time
 
 import pytest
-from pythonosc import osc_bundle_builder, osc_message_builder, udp_client
+from pythonosc import udp_client
 
-from streamv2v.streamv2v_core.live.osc import MAX_MESSAGES, MAX_PACKET, OscListener, change_body
+from host.osc_flood import hostile_packets
+
+from streamv2v.streamv2v_core.live.osc import OscListener, change_body
 from streamv2v.streamv2v_core.live.params import Capabilities, LiveParams
 
 CAN = Capabilities(clip=True, control=True, fusion=True, bank=True, residual=True)
@@ -85,21 +86,6 @@ def test_change_bodies():
                                  ("clear_bank", ["x"], "true/false or a number")]:
         with pytest.raises(ValueError, match=message):
             change_body(field, args)
-
-
-def hostile_packets(count):
-    """Garbage, truncated messages, oversized datagrams, huge bundles with future time tags, wrong addresses."""
-    good = osc_message_builder.OscMessageBuilder("/streamv2v/stage/ff_alpha")
-    good.add_arg(0.5)
-    message = good.build().dgram
-    bundle = osc_bundle_builder.OscBundleBuilder(time.time() + 3600)  # an hour ahead: never waited for
-    for _ in range(MAX_MESSAGES + 20):
-        other = osc_message_builder.OscMessageBuilder("/streamv2v/other/seed")
-        other.add_arg(1)
-        bundle.add_content(other.build())
-    kinds = [os.urandom(64), message[:12], b"#bundle\0" + os.urandom(40), b"\0" * (MAX_PACKET + 500),
-             bundle.build().dgram, b"/streamv2v/stage\0\0\0\0,s\0\0\xff\xfe\0\0", b""]
-    return [kinds[i % len(kinds)] for i in range(count)]
 
 
 def test_ten_thousand_hostile_packets_leave_the_listener_bounded_and_answering(live):

@@ -12,7 +12,11 @@ go through the same check as the HTTP route (``LiveParams.offer``) and are logge
 The listener is bounded whatever arrives: a datagram over ``MAX_PACKET`` bytes is dropped unread,
 at most ``MAX_MESSAGES`` messages of a bundle are used, bundle time tags are ignored (never a
 sleep), nothing is ever sent back (no reply to spoof), and refusals are counted, not kept; a
-warning about them is logged at most every ``WARN_EVERY_S`` seconds. (python-osc itself logs one
+warning about them is logged at most every ``WARN_EVERY_S`` seconds. Parsing is budgeted
+(``PARSE_BYTES_PER_S``, at least ``MIN_COST`` a packet): past it the listener sleeps and the
+kernel drops what overflows its socket buffer, so a flood takes at most a few percent of one core
+(and of the interpreter lock the stream's thread needs) instead of all of it; a performer's
+controls send a few hundred small messages a second, far below it. (python-osc itself logs one
 line on the root logger per unreadable part of a bundle; while a listener is open, a filter on the
 root logger lets one such line through every ``WARN_EVERY_S`` seconds, so a flood cannot fill the log.)
 """
@@ -32,6 +36,8 @@ from .params import FIELDS
 log = logging.getLogger("streamv2v")
 
 MAX_PACKET = 8192       # bytes; OSC control messages are tens of bytes (a long prompt a few KiB)
+PARSE_BYTES_PER_S = 64 * 1024  # parsing budget: python-osc takes ~1 us a byte (a 52-message bundle: 1.7 ms)
+MIN_COST = 64           # bytes charged per packet however small (so at most 1,000 packets a second are parsed)
 MAX_MESSAGES = 32       # per packet (a bundle may hold more: the rest are dropped)
 WARN_EVERY_S = 10.0
 PREFIX = "streamv2v"
@@ -106,6 +112,7 @@ class OscListener:
         self.last_error: str | None = None
         self._warned_at = 0.0
         self._warned_counts: collections.Counter = collections.Counter()
+        self._budget, self._budget_at = float(PARSE_BYTES_PER_S), time.monotonic()
         self.socket = socket.socket(_family(host), socket.SOCK_DGRAM)
         try:
             self.socket.bind((host, int(port)))
@@ -144,10 +151,24 @@ class OscListener:
             except OSError:  # closed under us, or a transient error (e.g. an ICMP reply): go on until closed
                 continue
             if len(data) > MAX_PACKET:
+                self._spend(MIN_COST)
                 self._refuse("oversized", f"{len(data)}+ bytes")
                 continue
+            self._spend(max(MIN_COST, len(data)))
             self._packet(data, sender)
         self._warn(force=True)
+
+    def _spend(self, cost: int) -> None:
+        """Take ``cost`` bytes from the parsing budget; sleep while it is spent (a flood: the kernel drops the rest)."""
+        now = time.monotonic()
+        self._budget = min(float(PARSE_BYTES_PER_S), self._budget + (now - self._budget_at) * PARSE_BYTES_PER_S)
+        self._budget_at = now
+        if self._budget < cost:
+            self.counts["throttled"] += 1
+            self._closed.wait(min(0.25, (cost - self._budget) / PARSE_BYTES_PER_S))
+            self._budget, self._budget_at = 0.0, time.monotonic()
+            return
+        self._budget -= cost
 
     def _packet(self, data: bytes, sender) -> None:
         try:
