@@ -47,13 +47,13 @@ def run(host, model=None, images=None, provider=None, **settings):
     args = dict(seed=1, steps=4, strength=0.4) | settings
     with torch.inference_mode():
         run_stream(model or base, pos, neg, vae, iter(frames), StreamSettings(**args),
-                   lambda i, image: outs.__setitem__(i, image), conditioning=provider)
+                   lambda out: outs.__setitem__(out.index, out.image), conditioning=provider)
     return torch.stack(outs)
 
 
 def from_frame(k, **own):
     """The steering's provider: frames from ``k`` on carry ``own`` (a live change at frame k)."""
-    return lambda index, image: FrameConditioning(**own) if index >= k else None
+    return lambda frame: FrameConditioning(**own) if frame.index >= k else None
 
 
 @pytest.mark.parametrize("change,setting", [({"strength": 0.65}, {"strength": 0.65}), ({"seed": 9}, {"seed": 9}),

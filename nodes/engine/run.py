@@ -32,8 +32,9 @@ import comfy.samplers
 
 from ...streamv2v_core.bank.calls import NAMES, PLAN_KEY, RowPlan
 from ...streamv2v_core.stream.conditioning import FrameRows, intersect_runs
-from ...streamv2v_core.stream.guidance import SELF_NEGATIVE, residual_guidance
 from ...streamv2v_core.stream.frame import Frame, Output, RunReport, as_frame
+from ...streamv2v_core.stream.frame_schedule import FrameSchedule
+from ...streamv2v_core.stream.guidance import FULL, SELF_NEGATIVE, residual_guidance
 from ...streamv2v_core.stream.runner import StreamRunner
 from ...streamv2v_core.stream.pipeline import NoiseSource, StreamPipeline
 from ...streamv2v_core.stream.similarity import SimilarityFilter
@@ -41,6 +42,7 @@ from ...streamv2v_core.stream.transfer import Upload
 from .bank_wrappers import RUN_BANKS_KEY
 from .conditioning import RunConditioning, check_frame_rows
 from .device_vae import DeviceCodec, vae_downscale
+from .frame_schedules import FrameSchedules
 from .model import stream_model, strength_sigmas
 from .settings import IN_FLIGHT, StreamSettings, check_stream_inputs
 from .signatures import stream_signature
@@ -159,11 +161,15 @@ class _Run:
     def go(self, model_k, x, sigmas, extra_args, inputs, size) -> None:
         guider = model_k.inner_model  # its conditioning is processed for this run
         base = guider.inner_model  # comfy BaseModel: latent scaling and model sampling
-        conds = RunConditioning(guider, self.frame_count, self.provider, x[:1], self.schedule.sigma_values, base)
+        own = FrameSchedule(sigmas.to(x.device, x.dtype), tuple(self.schedule.sigma_values),
+                            NoiseSource(self.settings.seed, self.settings.fixed_noise), self.schedule.full_noise_first)
+        schedules = FrameSchedules(base.model_sampling, own, self.settings.strength, self.settings.seed)
+        conds = RunConditioning(guider, self.frame_count, self.provider, x[:1], self.schedule.sigma_values, base,
+                                schedules)
         codec = DeviceCodec(self.vae)
         upload = Upload(codec.device)
         runner = StreamRunner(
-            self.state, self._pipeline(model_k, guider, conds, x, sigmas, extra_args), self.settings.stream_batch,
+            self.state, self._pipeline(model_k, guider, conds, x, own, extra_args), self.settings.stream_batch,
             _keeps_in_flight(self.settings),
             encode=lambda image: base.process_latent_in(codec.encode(upload(image[..., :3]))).to(x.device, x.dtype),
             decode=lambda denoised: codec.decode(base.process_latent_out(denoised)),
@@ -180,11 +186,11 @@ class _Run:
     def _admit(self, conds: RunConditioning, frame: Frame, latent) -> FrameRows:
         """A frame entering the stream: its own conditioning, and its latent when it is its own negative."""
         rows = conds.rows_for(frame)
-        if self.settings.residual and self.settings.guidance == SELF_NEGATIVE:
+        if self.settings.guidance == SELF_NEGATIVE:  # also at cfg 1: a live cfg may make it residual later
             rows.x0 = latent
         return rows
 
-    def _pipeline(self, model_k, guider, conds: RunConditioning, x, sigmas, extra_args) -> StreamPipeline:
+    def _pipeline(self, model_k, guider, conds: RunConditioning, x, own: FrameSchedule, extra_args) -> StreamPipeline:
         """The stream batch over this run's schedule; each call split into row groups (see ``_row_groups``)."""
         state, sampling = self.state, guider.inner_model.model_sampling
         call_options = self._call_options(extra_args["model_options"])
@@ -198,11 +204,13 @@ class _Run:
                 plan = RowPlan(tuple(frames[start:stop]), tuple(steps[start:stop]), self.steps,
                                fusion_alpha=group[0].fusion_alpha)
                 guider.conds = conds.conds_for(group, steps[start:stop])
+                cfg, delta, residual = self._guidance(group[0])
+                guider.cfg = 1.0 if residual else cfg  # residual CFG guides after the model call
                 out = model_k(rows[start:stop], sigma[start:stop], denoise_mask=None,
                               model_options=call_options(plan), seed=extra_args.get("seed"))
-                if self.settings.residual:
+                if residual:
                     negative = _Negative(guider, conds, call_options, plan, group)
-                    out = self._residual(rows[start:stop], sigma[start:stop], out, negative)
+                    out = self._residual(rows[start:stop], sigma[start:stop], out, negative, cfg, delta)
                 outs.append(out)
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -211,18 +219,22 @@ class _Run:
 
         if state.in_flight is not None and state.in_flight.x is not None:
             state.in_flight.x = state.in_flight.x.to(x.device, x.dtype)
-        return StreamPipeline(sigmas.to(x.device, x.dtype), self.schedule.sigma_values, denoise, noise_scaling,
-                              NoiseSource(self.settings.seed, self.settings.fixed_noise),
-                              self.schedule.full_noise_first, state.in_flight if _keeps_in_flight(self.settings)
-                              else None)
+        return StreamPipeline(own.sigmas, list(own.sigma_values), denoise, noise_scaling, own.noise,
+                              own.full_noise_first, state.in_flight if _keeps_in_flight(self.settings) else None)
 
-    def _residual(self, x, sigma, denoised, negative: "_Negative") -> torch.Tensor:
+    def _guidance(self, row: FrameRows) -> tuple[float, float, bool]:
+        """A row group's cfg and delta (its frames' own after a live change, else the run's), and whether
+        residual CFG applies (a residual guidance with cfg other than 1)."""
+        cfg = float(self.settings.cfg if row.cfg is None else row.cfg)
+        delta = float(self.settings.residual_delta if row.residual_delta is None else row.residual_delta)
+        return cfg, delta, self.settings.guidance != FULL and cfg != 1.0
+
+    def _residual(self, x, sigma, denoised, negative: "_Negative", cfg: float, delta: float) -> torch.Tensor:
         """Residual CFG for one row group ``[R, C, h, w]``, each row guided by its own frame's negative."""
         for i, (row, step) in enumerate(zip(negative.group, negative.plan.steps)):
             if row.x0 is None and step == 0:  # one-time negative: the frame's only real negative pass
                 row.x0 = negative.estimate(i, x[i:i + 1], sigma[i:i + 1])
         refs = [row.x0 for row in negative.group]
-        cfg, delta = float(self.settings.cfg), float(self.settings.residual_delta)
         if all(ref is not None for ref in refs):
             return residual_guidance(x, denoised, refs[0] if len(refs) == 1 else torch.cat(refs), cfg, delta)
         # A frame that entered before residual guidance was on (a stream restarts when it changes): unguided.

@@ -90,8 +90,8 @@ class StreamRunner:
         state = self.state
         latent = self.encode(frame.image)
         number, state.next_frame = state.next_frame, state.next_frame + 1
-        state.frame_data[number] = self.admit(frame, latent)
-        self.pipeline.push(number, latent)
+        data = state.frame_data[number] = self.admit(frame, latent)
+        self.pipeline.push(number, latent, getattr(data, "schedule", None))  # its own (a live strength or seed)
         if self.keep:
             state.in_flight_inputs.append(frame)
         else:
