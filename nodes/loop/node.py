@@ -19,6 +19,7 @@ from ..input_files import check_input, modified_time
 from ...streamv2v_core.stream.frame import RunReport
 from .steering import FrameSteering, SteeringChoice, steering_inputs
 from .inputs import source_inputs
+from .instrument import InstrumentChoice, LoopInstrument, instrument_inputs
 from .sink import LoopSink, drops_text
 from .sources import BROWSER, LIVE_SOURCES, VIDEO_FILE, FramePick, FrameStream, SourceChoice
 from ..node_status import NodeStatus, node_id_of
@@ -73,7 +74,8 @@ class StreamV2VLoop(io.ComfyNode):
                                             "an existing one is never replaced."),
                     *stream_inputs(),
                     *steering_inputs(),
-                    *guidance_inputs()],
+                    *guidance_inputs(),
+                    *instrument_inputs()],
             outputs=[io.String.Output(display_name="video_path", tooltip="Absolute path of the MP4 written."),
                      io.Image.Output(display_name="last_frame", tooltip="The last restyled frame [1, H, W, 3]."),
                      io.Int.Output(display_name="frames", tooltip="Number of frames written."),
@@ -115,16 +117,23 @@ class StreamV2VLoop(io.ComfyNode):
         session = SESSIONS.get(given.take("session", "webcam"))
         settings = given.build(StreamSettings)
         settings.check()
+        take_settings = dict(inputs)  # what a recorded take's header keeps
         pick, origin, choice = given.build(FramePick), given.build(SourceChoice), given.build(SteeringChoice)
+        playing = given.build(InstrumentChoice)
         given.check_all_taken()
         node_id = node_id_of(cls)
         sizer = pick.sizer()
         live = origin.source == BROWSER and video is None
         status = NodeStatus(node_id, None, preview=not live)
-        steering = FrameSteering(model, positive, clip, choice, session, hint_video, pick.skip_first, pick.every_nth)
+        steering = FrameSteering(model, positive, clip, choice, session, hint_video, pick.skip_first, pick.every_nth,
+                                 negative, settings)
+        instrument = LoopInstrument(playing, session, steering)
         try:
-            reader = origin.open(video, session, sizer, status)
+            reader = origin.open(video, session, sizer, status, record=instrument.recording(live, take_settings))
+            instrument.replaying(reader)
+            instrument.listen()
         except BaseException:
+            instrument.close()
             steering.close()  # its hint video, and the session's live params
             raise
         session.start()
@@ -132,18 +141,20 @@ class StreamV2VLoop(io.ComfyNode):
             status.total = selected_count(reader.total, pick.skip_first, pick.every_nth, pick.max_frames)
             rate = origin.rate(reader, pick.every_nth)
             audio = reader.audio(pick.skip_first / float(reader.fps)) if reader.fps else None
-            sink = LoopSink(prefix, rate, audio, status, session if live else None)
+            sink = LoopSink(prefix, rate, audio, status, session if live else None, instrument.times,
+                            instrument.recorder)
             stream = FrameStream(reader, pick, sizer, session)
             key = f"StreamV2VLoop {node_id}" if node_id is not None else None
             report, interrupted = _run(model, positive, negative, vae, stream, settings, sink, origin, key, steering)
         finally:
             session.finish()
             reader.close()
+            instrument.close()
             steering.close()
         if interrupted or stream.stopped:
             cut = _cut_key(node_id, origin.source, origin.file)
             _CUT_SHORT.put(cut, (_CUT_SHORT.find(cut) or 0) + 1)
-        return _outputs(sink, stream, reader, pick, interrupted, steering.report(), report)
+        return _outputs(sink, stream, reader, pick, interrupted, steering.report() + instrument.report(), report)
 
 
 def _run(model, positive, negative, vae, stream, settings, sink, origin, stream_key,

@@ -25,7 +25,8 @@ POST /streamv2v/loop/{session}/params   JSON object with any of prompt, blend_fr
      400 {"error": ...}: a bad name, body or value; nothing changes
      404 {"error": ...}: no loop runs that session (no route creates one)
      413: a body over 64 KiB;  429: too many changes waiting for the next frame
-GET  /streamv2v/loop/{session}/params   {"running", "can", "current", "pending", "changes", "log"}
+GET  /streamv2v/loop/{session}/params   {"running", "can", "current", "pending", "changes", "log", "presets"}
+POST/GET /streamv2v/loop/{session}/presets  the session's presets (preset_routes.py)
 
 Session names are checked (400 with the rule); no route creates a session, so requests to names
 no loop runs cost no memory.
@@ -213,13 +214,21 @@ def _error(status: int, text: str) -> web.Response:
     return web.json_response({"error": text}, status=status)
 
 
-async def post_params(request: web.Request) -> web.Response:
-    name = session_name(request)
+async def read_body(request: web.Request) -> bytes | web.Response:
+    """The request's body, or a 413 over ``MAX_BODY`` (bounded even without a Content-Length)."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         return _error(413, f"the body is over {MAX_BODY // 1024} KiB: send only the fields that change")
-    data = await request.content.read(MAX_BODY + 1)  # bounded even without a Content-Length
+    data = await request.content.read(MAX_BODY + 1)
     if len(data) > MAX_BODY:
         return _error(413, f"the body is over {MAX_BODY // 1024} KiB: send only the fields that change")
+    return data
+
+
+async def post_params(request: web.Request) -> web.Response:
+    name = session_name(request)
+    data = await read_body(request)
+    if isinstance(data, web.Response):
+        return data
     session = SESSIONS.find(name)
     if session is None or not session.running:
         return _error(404, f"no loop is running on session {name!r}: queue the loop (or press Start) first")
@@ -255,3 +264,6 @@ def add_loop_routes(routes: web.RouteTableDef) -> None:
     routes.get("/streamv2v/loop/{session}/status")(get_status)
     routes.post("/streamv2v/loop/{session}/params")(post_params)
     routes.get("/streamv2v/loop/{session}/params")(get_params)
+    from .preset_routes import add_preset_routes  # it builds on this module's helpers
+
+    add_preset_routes(routes)

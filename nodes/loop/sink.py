@@ -24,8 +24,10 @@ class LoopSink:
     """
 
     def __init__(self, prefix: str | None, rate: Fraction | None, audio: AudioFile | AudioSamples | None,
-                 status: NodeStatus, session: BrowserSession | None = None):
+                 status: NodeStatus, session: BrowserSession | None = None, times: list[int] | None = None,
+                 recorder=None):
         self.prefix, self.rate, self.audio = prefix, rate, audio
+        self.times, self.recorder = times, recorder  # a take's output times (re-rendered); a take being recorded
         self.status, self.session = status, session
         self.output: OutputFile | None = None
         self.writer: Mp4Writer | None = None
@@ -46,7 +48,10 @@ class LoopSink:
         image = fit_to(image, *self.size)
         pixels = to_uint8(image)  # once, for the MP4, the browser and the preview
         if self.writer is not None:
-            self.writer.write(pixels)
+            at = self.times[self.frames] if self.times and self.frames < len(self.times) else None
+            self.writer.write(pixels, at_ms=at)
+            if self.recorder is not None:
+                self.recorder.output(self.frames, self.writer.last_ms)
         self.frames, self.last = self.frames + 1, image
         if self.session is not None:
             self.session.publish(pixels, out.source.stamp)

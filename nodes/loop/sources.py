@@ -10,17 +10,19 @@ import comfy.model_management
 
 from ...streamv2v_core.media.frames import FrameResizer, StreamSizer, select_frames
 from ...streamv2v_core.live.session import BrowserSession, live_frames
+from ...streamv2v_core.live.take import TakeSource
 from ...streamv2v_core.media.video_io import CameraSource, ImageFolderSource, VideoFileSource
 from ...streamv2v_core.stream.frame import Frame
 from ..input_files import allowed_folder, resolve_input
 from ..node_status import NodeStatus
 from ..video_input import open_video
+from .instrument import open_take
 
 log = logging.getLogger("streamv2v")
 
-VIDEO_FILE, IMAGE_FOLDER, CAMERA, BROWSER = "video file", "image folder", "camera", "browser webcam"
-SOURCES = (VIDEO_FILE, IMAGE_FOLDER, CAMERA, BROWSER)
-FILE_SOURCES = (VIDEO_FILE, IMAGE_FOLDER)
+VIDEO_FILE, IMAGE_FOLDER, CAMERA, BROWSER, TAKE = "video file", "image folder", "camera", "browser webcam", "take"
+SOURCES = (VIDEO_FILE, IMAGE_FOLDER, CAMERA, BROWSER, TAKE)  # new choices go last (saved workflows keep theirs)
+FILE_SOURCES = (VIDEO_FILE, IMAGE_FOLDER, TAKE)
 LIVE_SOURCES = (CAMERA, BROWSER)
 
 
@@ -50,11 +52,12 @@ class SourceChoice:
     fps: float = 0.0  # for image folders
 
     def open(self, video: Any = None, session: BrowserSession | None = None, sizer: StreamSizer | None = None,
-             status: NodeStatus | None = None):
+             status: NodeStatus | None = None, record=None):
         """An open reader (``streamv2v_core.media.video_io`` protocol); errors before any work.
 
         A connected ``video`` is the source when ``source`` is "video file"; the browser
-        source reads ``session`` and needs the stream's ``sizer`` and the node's ``status``.
+        source reads ``session`` and needs the stream's ``sizer`` and the node's ``status`` (``record``: gets
+        every frame it uses, as it came: a take); a take is read back with the stream's ``sizer``.
         """
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
@@ -69,7 +72,9 @@ class SourceChoice:
             return ImageFolderSource(resolve_input(self.file), allowed=allowed_folder(self.file))
         if self.source == CAMERA:
             return CameraSource(self.camera_index)
-        return BrowserSource(session, sizer, status)
+        if self.source == TAKE:
+            return TakeSource(open_take(self.file), sizer.hint)
+        return BrowserSource(session, sizer, status, record)
 
     def rate(self, reader, every_nth: int) -> Fraction | None:
         """The MP4's frame rate: the source's (over ``every_nth``), the image folder's, or None (wall clock)."""
@@ -89,15 +94,15 @@ class BrowserSource:
     total_exact = False
     name = "browser webcam"
 
-    def __init__(self, session: BrowserSession, sizer: StreamSizer, status: NodeStatus):
-        self.session, self.sizer, self.status = session, sizer, status
+    def __init__(self, session: BrowserSession, sizer: StreamSizer, status: NodeStatus, record=None):
+        self.session, self.sizer, self.status, self.record = session, sizer, status, record
         self.said = 0
 
     def audio(self, skip_seconds: float = 0.0) -> None:
         return None
 
     def __iter__(self) -> Iterator[Frame]:
-        return live_frames(self.session, self.sizer.hint, self._idle)
+        return live_frames(self.session, self.sizer.hint, self._idle, record=self.record)
 
     def _idle(self, seconds: float) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()

@@ -25,11 +25,13 @@ from comfy_api.latest import io
 
 from ...streamv2v_core.bank.patches import FeatureFusion
 from ...streamv2v_core.live.params import MAX_BLEND_FRAMES, Capabilities, Change
+from ...streamv2v_core.live.sampling_track import SamplingTrack
 from ...streamv2v_core.media.frames import fit_to, select_frames
 from ...streamv2v_core.media.hints import PreviousOutput, as_hint, canny
 from ...streamv2v_core.media.video_io import VideoFileSource
 from ...streamv2v_core.stream.conditioning import FrameConditioning
 from ...streamv2v_core.stream.frame import Frame, Output
+from ...streamv2v_core.stream.guidance import FULL
 from ...streamv2v_core.stream.prompt_schedule import blend_entry, blend_position, parse_schedule
 from ..engine import banks_of
 from ..input_files import input_choices, resolve_input
@@ -82,12 +84,13 @@ def steering_inputs() -> list:
     ]
 
 
-def capabilities(model, positive: list, clip) -> Capabilities:
+def capabilities(model, positive: list, clip, guidance: str = FULL) -> Capabilities:
     """What live steering can change in this run."""
     patches = model.model_options.get("transformer_options", {}).get("patches", {})
     fusion = any(isinstance(p, FeatureFusion) for group in patches.values() for p in group)
     control = any(entry[1].get("control") is not None for entry in positive)
-    return Capabilities(clip=clip is not None, control=control, fusion=fusion, bank=bool(banks_of(model)))
+    return Capabilities(clip=clip is not None, control=control, fusion=fusion, bank=bool(banks_of(model)),
+                        residual=guidance != FULL)
 
 
 def check_choice(choice: SteeringChoice, can: Capabilities, hint_video=None) -> list:
@@ -242,11 +245,16 @@ class FrameSteering:
     """
 
     def __init__(self, model, positive: list, clip, choice: SteeringChoice, session=None, hint_video=None,
-                 skip_first: int = 0, every_nth: int = 1):
-        self.can = capabilities(model, positive, clip)
+                 skip_first: int = 0, every_nth: int = 1, negative: list | None = None, settings=None):
+        self.can = capabilities(model, positive, clip, getattr(settings, "guidance", FULL))
         keyframes = check_choice(choice, self.can, hint_video)
         self.model, self.session = model, session
         self.prompt = PromptTrack(positive, clip, keyframes, choice.blend_frames)
+        self.negative = PromptTrack(negative, clip, [], choice.blend_frames) if negative else None
+        self.sampling, self.run_seed = SamplingTrack(), int(getattr(settings, "seed", 0))
+        self.live_negative: str | None = None
+        self.replay: dict[int, list[Change]] | None = None  # a take re-rendered: its changes by frame
+        self.recorder = None  # a live take being recorded (live.take.TakeRecorder)
         self.hints = HintSource(choice.control_hint, open_hint_reader(choice, hint_video), skip_first, every_nth)
         self.control_scale, self.fusion_alpha = 1.0, None
         self.live_prompt: str | None = None
@@ -257,24 +265,37 @@ class FrameSteering:
 
     def current(self) -> dict:
         """The live values now (the panel shows them after a reload)."""
+        s = self.sampling
         return {"blend_frames": self.prompt.blend_frames, "control_strength": self.control_scale,
-                "ff_alpha": self.fusion_alpha, "prompt": self.live_prompt}
+                "ff_alpha": self.fusion_alpha, "prompt": self.live_prompt, "negative_prompt": self.live_negative,
+                "seed": s.seed_to, "strength": s.strength, "cfg": s.cfg, "residual_delta": s.residual_delta}
 
     def __call__(self, entering: Frame):
         """``entering`` (image ``[H, W, 3]``) enters the stream: its FrameConditioning (None: the run's own)."""
         frame, self.frames = self.frames, self.frames + 1
-        if self.session is not None:
-            for change in self.session.params.take():
-                self._apply(change, frame)
+        for change in self._changes(frame):
+            self._apply(change, frame)
         positive, hint = self.prompt.positive_for(frame), self.hints(entering.image)
-        if positive is None and hint is None and not self.steered:
+        negative = self.negative.positive_for(frame) if self.negative is not None else None
+        s = self.sampling
+        seed = s.seed_for(frame)
+        if positive is None and negative is None and hint is None and not self.steered and not s.steered:
             return None
-        return FrameConditioning(positive=positive, hint=hint, control_scale=self.control_scale,
-                                   fusion_alpha=self.fusion_alpha)
+        return FrameConditioning(positive=positive, negative=negative, hint=hint, control_scale=self.control_scale,
+                                 fusion_alpha=self.fusion_alpha, strength=s.strength, seed=seed, cfg=s.cfg,
+                                 residual_delta=s.residual_delta)
+
+    def _changes(self, frame: int) -> list[Change]:
+        """The changes applied at ``frame``: a take's recorded ones, or what the session has waiting."""
+        if self.replay is not None:
+            return self.replay.pop(frame, [])
+        return self.session.params.take() if self.session is not None else []
 
     def _apply(self, change: Change, frame: int) -> None:
         if change.blend_frames is not None:
             self.prompt.blend_frames = change.blend_frames
+            if self.negative is not None:
+                self.negative.blend_frames = change.blend_frames
         if change.prompt is not None:
             self.live_prompt = change.prompt
             self.prompt.set_live(change.prompt, frame)
@@ -282,6 +303,12 @@ class FrameSteering:
             self.control_scale, self.steered = change.control_strength, True
         if change.ff_alpha is not None:
             self.fusion_alpha, self.steered = change.ff_alpha, True
+        if change.negative_prompt is not None and self.negative is not None:
+            self.live_negative = change.negative_prompt
+            self.negative.set_live(change.negative_prompt, frame)
+        self.sampling.apply(change, frame, self.prompt.blend_frames, self.run_seed)
+        if self.recorder is not None:
+            self.recorder.change(frame, change)
         if change.clear_bank:
             for bank in banks_of(self.model):
                 bank.reset(f"cleared live (session {self.session.name!r}, frame {frame})")

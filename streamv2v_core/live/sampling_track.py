@@ -49,5 +49,10 @@ class SamplingTrack:
         return self._last_seed
 
     @property
+    def seed_to(self) -> int | None:
+        """The seed the last seed change asked for (None: none yet)."""
+        return self._seed_to
+
+    @property
     def steered(self) -> bool:
         return any(v is not None for v in (self.strength, self.cfg, self.residual_delta, self._seed_to))

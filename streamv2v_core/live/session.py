@@ -220,12 +220,14 @@ class BrowserSession:
 
 
 def live_frames(session: BrowserSession, fit: Callable[[], tuple[int, int] | None],
-                idle: Callable[[float], None], poll_s: float = 0.25) -> Iterator[Frame]:
+                idle: Callable[[float], None], poll_s: float = 0.25,
+                record: Callable[[bytes, float | None, float | None], None] | None = None) -> Iterator[Frame]:
     """``Frame``s (image ``[H, W, 3]``, the sender's stamp, when it arrived) as the browser sends them, until a stop.
 
     A frame that cannot be used is dropped and counted in ``session.dropped``; the stream
     goes on. ``idle(seconds since the last frame)`` runs while none comes (raise there to
-    cancel); ``fit()`` is the stream's size once known, for faster JPEG decoding.
+    cancel); ``fit()`` is the stream's size once known, for faster JPEG decoding. ``record(bytes, stamp,
+    received_at)`` gets every frame that is used, as it came (a take keeps them).
     """
     while not session.stopped:
         item = session.take(poll_s)
@@ -239,6 +241,8 @@ def live_frames(session: BrowserSession, fit: Callable[[], tuple[int, int] | Non
             session.drop(bad.reason)
             log.info("StreamV2V session %r: dropped a frame (%s)", session.name, bad)
             continue
+        if record is not None:
+            record(encoded, stamp, received_at)
         yield Frame(image, stamp=stamp, received_at=received_at)
 
 

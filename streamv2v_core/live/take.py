@@ -21,6 +21,7 @@ a schedule a person can edit.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -131,7 +132,7 @@ class Take:
         out = {}
         for at, bodies in self.changes.items():
             try:
-                out[at] = [parse_change(body, can) for body in bodies]
+                out[at] = [_replayed(body, can) for body in bodies]
             except ValueError as error:
                 raise ValueError(f"the take's change at frame {at} cannot be applied by this loop: {error}") from None
         return out
@@ -144,6 +145,17 @@ class Take:
                 if body.get("prompt"):
                     lines.append(f"{at}: {' '.join(str(body['prompt']).split())}")
         return "\n".join(lines)
+
+
+def _replayed(body: dict, can: Capabilities) -> Change:
+    """A recorded change: its fields as sent (a preset recall was recorded with the preset's fields: its number
+    is kept for the log only, the take stands on its own)."""
+    if not isinstance(body, dict):
+        raise ValueError("a change must be an object")
+    fields = {k: v for k, v in body.items() if k != "preset"}
+    change = parse_change(fields, can)
+    preset = body.get("preset")
+    return dataclasses.replace(change, preset=preset) if isinstance(preset, int) and 1 <= preset <= 8 else change
 
 
 def read_take(folder: str) -> Take:

@@ -1,0 +1,50 @@
+"""The presets a session's live changes recall (``preset: n`` in a change, OSC ``/streamv2v/{session}/preset n``).
+
+POST /streamv2v/loop/{session}/presets  {"presets": [up to 8 snapshots, null for an empty slot]}: the panel
+                                        sends the workflow's (kept in the node's properties); each checked
+                                        as a change is (streamv2v_core/live/params.py), kept across runs
+     200 {"presets": [...]};  400 naming the preset and field at fault (nothing changes);  404 no such
+     session (no route creates one: queue the loop first);  413 over 64 KiB
+GET  /streamv2v/loop/{session}/presets  {"presets": [...]}
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+
+from ...streamv2v_core.live.session import SESSIONS
+from .routes import _error, read_body, session_name
+
+log = logging.getLogger("streamv2v")
+
+
+async def post_presets(request: web.Request) -> web.Response:
+    name = session_name(request)
+    data = await read_body(request)
+    if isinstance(data, web.Response):
+        return data
+    session = SESSIONS.find(name)
+    if session is None:
+        return _error(404, f"no session {name!r}: queue the loop first")
+    try:
+        body = json.loads(data.decode("utf-8"))
+        if not isinstance(body, dict) or set(body) != {"presets"}:
+            raise ValueError('send {"presets": [up to 8 snapshots, null for an empty slot]}')
+        presets = session.params.set_presets(body["presets"])
+    except (UnicodeDecodeError, ValueError) as error:
+        return _error(400, str(error))
+    log.info("StreamV2V session %r: %d presets stored", name, sum(1 for p in presets if p))
+    return web.json_response({"presets": presets})
+
+
+async def get_presets(request: web.Request) -> web.Response:
+    session = SESSIONS.find(session_name(request))
+    return web.json_response({"presets": session.params.presets if session else []},
+                             headers={"Cache-Control": "no-store"})
+
+
+def add_preset_routes(routes: web.RouteTableDef) -> None:
+    routes.post("/streamv2v/loop/{session}/presets")(post_presets)
+    routes.get("/streamv2v/loop/{session}/presets")(get_presets)
