@@ -36,21 +36,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "bench"))
-    from _host import setup_host
+    from _host import setup_host, tiny_banked_parts
 
     setup_host("cpu", threads=args.threads)
     import torch
 
-    from host import tiny_models
-    from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch
     from streamv2v.nodes.engine import StreamSettings, run_stream
     from streamv2v.streamv2v_core.live.osc import OscListener
     from streamv2v.streamv2v_core.live.params import Capabilities, LiveParams
 
-    handle = FeatureBankNode.execute("osc_flood", "dyme", 1, 1, 0).args[0]
-    model = ExtendedAttentionPatch.execute(tiny_models.tiny_sd15_model(0), handle, "all").args[0]
-    model = FeatureFusionPatch.execute(model, handle, 0.75, 0.9, "low-res decoder").args[0]
-    cond, vae = tiny_models.random_conditioning("sd15", 0), tiny_models.tiny_taesd_vae(0)
+    model, cond, vae = tiny_banked_parts("osc_flood")
     params = LiveParams()
     params.begin(Capabilities(fusion=True, bank=True), {})
     listener = OscListener("bench", params.offer, 0)

@@ -22,10 +22,7 @@ F64 = torch.float64
 
 @pytest.fixture(scope="module")
 def host():
-    model = tiny_models.tiny_sd15_model(0, dtype=F64)
-    vae = tiny_models.tiny_taesd_vae(1)
-    pos = [[tiny_models.random_conditioning("sd15", 1)[0][0].to(F64), {}]]
-    neg = [[tiny_models.random_conditioning("sd15", 2)[0][0].to(F64), {}]]
+    model, vae, pos, neg = tiny_models.float64_stream_parts()
     g = torch.Generator().manual_seed(3)
     canvas = torch.nn.functional.interpolate(torch.rand(1, 3, 16, 16 + FRAMES, generator=g), scale_factor=SIZE / 16,
                                              mode="bilinear")[0].permute(1, 2, 0)

@@ -22,11 +22,7 @@ SIZE, F64 = 64, torch.float64
 
 @pytest.fixture(scope="module")
 def host():
-    model = tiny_models.tiny_sd15_model(0, dtype=F64)
-    vae = tiny_models.tiny_taesd_vae(1)
-    pos = [[tiny_models.random_conditioning("sd15", 1)[0][0].to(F64), {}]]
-    neg = [[tiny_models.random_conditioning("sd15", 2)[0][0].to(F64), {}]]
-    return model, vae, pos, neg
+    return tiny_models.float64_stream_parts()
 
 
 def frames_of(n, seed=3):

@@ -21,13 +21,10 @@ log = logging.getLogger("streamv2v")
 
 
 async def post_presets(request: web.Request) -> web.Response:
-    name = session_name(request)
-    data = await read_body(request)
-    if isinstance(data, web.Response):
-        return data
+    name, data = session_name(request), await read_body(request)
     session = SESSIONS.find(name)
-    if session is None:
-        return _error(404, f"no session {name!r}: queue the loop first")
+    if isinstance(data, web.Response) or session is None:
+        return data if isinstance(data, web.Response) else _error(404, f"no session {name!r}: queue the loop first")
     try:
         body = json.loads(data.decode("utf-8"))
         if not isinstance(body, dict) or set(body) != {"presets"}:

@@ -342,3 +342,12 @@ def tiny_controlnet(seed: int = 0, zero_conv_std: float = 0.2, hint_gain: float 
                 p.copy_(torch.randn(p.shape, generator=g) * zero_conv_std)
         control_model.input_hint_block[-1].weight.mul_(hint_gain)
     return comfy.controlnet.ControlNet(control_model, load_device=model_management.get_torch_device())
+
+
+def float64_stream_parts(vae_seed: int = 1):
+    """(model, vae, positive, negative) for float64 exactness tests: a float64 tiny SD1.5 UNet, a TAESD, and
+    two different one-row conditionings in float64."""
+    model = tiny_sd15_model(0, dtype=torch.float64)
+    positive = [[random_conditioning("sd15", 1)[0][0].to(torch.float64), {}]]
+    negative = [[random_conditioning("sd15", 2)[0][0].to(torch.float64), {}]]
+    return model, tiny_taesd_vae(vae_seed), positive, negative
