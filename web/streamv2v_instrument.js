@@ -16,6 +16,7 @@ import { element, slider } from "./streamv2v_live_controls.js";
 const MIDI_KEY = "streamv2v_midi";        // node.properties: { control id: { kind: "cc"|"note", channel, number } }
 const PRESETS_KEY = "streamv2v_presets";  // node.properties: 8 snapshots (null: empty)
 const PRESETS = 8;
+const SYNC_MS = 2000;                     // how often the running loop's presets are compared with the workflow's
 const SEND_MS = 40;                       // a knob sends ~100 values a second: the newest per control every 40 ms
 const MAX_SEED = 2 ** 53 - 1;             // what a JSON number carries exactly
 const EXTRA_HEIGHT = 130;                 // the instrument's rows under the live controls (the mapping view adds its own)
@@ -57,6 +58,21 @@ export class Instrument {
     this.defineControls();
     this.renderMapping();
     this.startMidi();
+    this.syncTimer = setInterval(() => this.keepPresetsSynced(), SYNC_MS);
+  }
+
+  // A loop that starts (or a server that restarted) gets the workflow's presets, so OSC can recall them.
+  async keepPresetsSynced() {
+    const stored = this.presets.map((p, i) => (p ? i + 1 : 0)).filter(Boolean);
+    if (!stored.length) return;
+    try {
+      const state = await (await api.fetchApi(`/streamv2v/loop/${this.panel.session}/params`, { cache: "no-store" })).json();
+      if (state.running && JSON.stringify(state.presets || []) !== JSON.stringify(stored)) await this.syncPresets(true);
+    } catch (error) { /* the server is away: next time */ }
+  }
+
+  close() {
+    clearInterval(this.syncTimer);
   }
 
   get mapping() {
@@ -391,6 +407,11 @@ app.registerExtension({
       const result = created?.apply(this, arguments);
       queueMicrotask(() => attach(this));  // after the webcam panel (another extension) is attached
       return result;
+    };
+    const removed = nodeType.prototype.onRemoved;
+    nodeType.prototype.onRemoved = function () {
+      this.streamv2vWebcam?.instrument?.close();
+      return removed?.apply(this, arguments);
     };
     const configured = nodeType.prototype.onConfigure;
     nodeType.prototype.onConfigure = function () {  // a loaded workflow: its mapping and presets
