@@ -41,6 +41,7 @@ def test_a_take_reads_back_as_it_was_recorded(tmp_path):
     assert changes[1][0] == Change(prompt="oil  painting\nlate", blend_frames=4)
     assert changes[2][0] == Change(seed=9, strength=0.6)
     assert back.prompt_schedule("a photo") == "0: a photo\n1: oil painting late"
+    assert (tmp_path / "t" / "prompt_schedule.txt").read_text() == "1: oil painting late\n"  # written at the end
     with pytest.raises(ValueError, match="change at frame 1 cannot be applied by this loop: the loop has no CLIP"):
         back.checked_changes(Capabilities())
 

@@ -41,6 +41,11 @@ def play_take(server, osc_port) -> tuple[dict, list]:
     base = f"{server.url}/streamv2v/loop/{SESSION}"
     prompt_id = server.queue_prompt(prompt("take/live", source="browser webcam", osc_port=osc_port))
     wait_for(lambda: status(server)["running"], what="the loop to start")
+    for body, want, message in [({"presets": [{"strength": 3}]}, 400, "preset 1: strength must be a number"),
+                                ({"presets": [None] * 9}, 400, "at most 8"), ({"x": 1}, 400, 'send {"presets"')]:
+        code, answer = request(f"{base}/presets", json.dumps(body).encode())
+        assert code == want and message in json.loads(answer)["error"], answer
+    assert request(f"{server.url}/streamv2v/loop/nobody_here/presets", b'{"presets": []}')[0] == 404
     code, _ = request(f"{base}/presets", json.dumps({"presets": [{"strength": 0.45, "seed": 11}]}).encode())
     assert code == 200
     osc = udp_client.SimpleUDPClient("127.0.0.1", osc_port)
@@ -75,6 +80,7 @@ def test_a_take_re_rendered_at_its_own_settings_gives_the_live_take(comfy_server
     takes = sorted(p.name for p in comfy_server.input_dir.iterdir() if p.name.startswith(f"streamv2v-take-{SESSION}"))
     take = takes[-1]
     assert f"take recorded in the input folder: {take}/ ({FRAMES} frames, {len(log)} live changes)" in report
+    assert (comfy_server.input_dir / take / "prompt_schedule.txt").read_text() == f"{log[0]['frame']}: oil painting\n"
     again = comfy_server.run(prompt("take/again", source="take", file=f"{take}/"), timeout=300)
     (render,) = [f for f in comfy_server.output_files(again) if f.suffix == ".mp4"]
     live_pts, live_frames = decoded(live)

@@ -17,7 +17,7 @@ line written before; the reader ignores a last line cut in half. ``at`` counts t
 entered the stream (the steering's frame numbers, as the live log shows them). Re-rendering a
 take (the loop's ``take`` source) replays the frames and applies each change at its frame, with
 the node's own size, steps, strength and model; ``prompt_schedule`` exports its prompt changes as
-a schedule a person can edit.
+a schedule a person can edit (written beside the take as ``prompt_schedule.txt`` when it ends).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from .session import decode_frame
 log = logging.getLogger("streamv2v")
 
 TAKE_FILE = "take.jsonl"
+SCHEDULE_FILE = "prompt_schedule.txt"  # the take's prompt changes, for the loop's prompt_schedule input
 VERSION = 1
 MAX_TAKE_BYTES = 64 * 2**20    # the take file (a 2-hour take at 60 fps is about 15 MiB)
 MAX_LINE_BYTES = 64 * 1024     # one line: a change holds at most two 4000-character prompts
@@ -92,9 +93,21 @@ class TakeRecorder:
             self.outputs += 1
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._line({"end": {"frames": self.frames, "outputs": self.outputs, "changes": self.changes}})
-            self._file.close()
+        if self._file.closed:
+            return
+        self._line({"end": {"frames": self.frames, "outputs": self.outputs, "changes": self.changes}})
+        self._file.close()
+        self._export_schedule()
+
+    def _export_schedule(self) -> None:
+        """``prompt_schedule.txt`` beside the take when prompts changed live (read back: bounded like any take)."""
+        try:
+            schedule = read_take(self.folder).prompt_schedule()
+            if schedule:
+                with open(os.path.join(self.folder, SCHEDULE_FILE), "w", encoding="utf-8") as file:
+                    file.write(schedule + "\n")
+        except (OSError, ValueError) as error:
+            log.warning("StreamV2V take %r: no prompt schedule written (%s)", self.name, error)
 
     def _line(self, entry: dict) -> None:
         if self.error or self._file.closed:
