@@ -7,7 +7,9 @@ stream batch) with a steering callable that changes the seed (blended over 4 fra
 (alternately, each time to a value not seen before, so every strength change reads its sigmas from the
 model) every ``--every`` frames, and prints the median time of the frames that applied a change, of the
 ``steps - 1`` frames after it (rows of two schedules in one call) and of plain frames, with their ratios.
-Frame time is the time between consecutive outputs (one model call per frame in the stream batch).
+Frame time is the time between consecutive outputs (one model call per frame in the stream batch). A
+second, shorter pass counts what a GPU would pay per frame (``streamv2v_core/counting.py``: kernels
+launched and host-device syncs), which the CPU's timings hide and which do not depend on the machine's load.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def main() -> None:
     from streamv2v.streamv2v_core.stream.conditioning import FrameConditioning
 
     model, cond, vae = tiny_banked_parts("live_changes")
+    from streamv2v.streamv2v_core.counting import counting
+
     track, kinds = SamplingTrack(), {}
 
     def steer(frame):
@@ -53,18 +57,27 @@ def main() -> None:
             return None
         return FrameConditioning(strength=track.strength, seed=track.seed_for(index))
 
+    def run(count, on_output):
+        g = torch.Generator().manual_seed(0)
+        frames = (torch.rand(64, 64, 3, generator=g) for _ in range(count))
+        with torch.inference_mode():
+            run_stream(model, cond, cond, vae, frames, StreamSettings(steps=args.steps, strength=0.3), on_output,
+                       conditioning=steer)
+
     times = []
-    g = torch.Generator().manual_seed(0)
-    frames = (torch.rand(64, 64, 3, generator=g) for _ in range(args.frames))
-    with torch.inference_mode():
-        run_stream(model, cond, cond, vae, frames, StreamSettings(steps=args.steps, strength=0.3), 
-                   lambda out: times.append(time.perf_counter()), conditioning=steer)
+    run(args.frames, lambda out: times.append(time.perf_counter()))
     _table(times, kinds, args)
+    track.__init__()
+    with counting() as (ops, syncs):  # the same changes at the same frames, counted
+        marks = []
+        run(6 * args.every, lambda out: marks.append((ops.total("kernels"), syncs.syncs())))
+    _table([m[0] for m in marks], kinds, args, "kernels launched", scale=1, unit="")
+    _table([m[1] for m in marks], kinds, args, "host-device syncs", scale=1, unit="")
 
 
-def _table(times, kinds, args) -> None:
-    lag = args.steps - 1  # output i answers input i once the stream batch is full; the call of input i made it
-    call = {i: times[i + lag] - times[i + lag - 1] for i in range(1, len(times) - lag)}  # input i's model call
+def _table(times, kinds, args, what="median time (ms)", scale=1000, unit="ms") -> None:
+    lag = args.steps - 1  # output j is handed out by the model call that input j + lag entered with
+    call = {i: times[i - lag] - times[i - lag - 1] for i in range(lag + 1, len(times))}  # input i's call
     after = {i + d for i in kinds for d in range(1, args.steps)}
     plain = [t for i, t in call.items() if i > args.every and i not in kinds and i not in after]
     rows = {"plain frame": plain}
@@ -73,13 +86,15 @@ def _table(times, kinds, args) -> None:
         rows[f"the {args.steps - 1} frames after a {kind} change"] = [
             call[i + d] for i, k in kinds.items() if k == kind for d in range(1, args.steps) if i + d in call]
     base = statistics.median(plain)
-    print(f"\n{args.frames} frames, a change every {args.every} (tiny SD1.5 + DyMe bank, 64x64, {args.steps} steps, "
+    print(f"\n{len(times)} frames, a change every {args.every} (tiny SD1.5 + DyMe bank, 64x64, {args.steps} steps, "
           f"stream batch, CPU, {args.threads} thread(s))\n")
-    print("| frames | count | median time (ms) | vs plain |\n|---|---|---|---|")
+    print(f"| frames | count | {what} per frame | vs plain |\n|---|---|---|---|")
     for name, values in rows.items():
         if values:
             median = statistics.median(values)
-            print(f"| {name} | {len(values)} | {median * 1000:.1f} | {median / base:.2f}x |")
+            shown = f"{median * scale:.1f}" if unit else f"{median:g}"
+            print(f"| {name} | {len(values)} | {shown} | {median / base:.2f}x |" if base else
+                  f"| {name} | {len(values)} | {shown} | - |")
 
 
 if __name__ == "__main__":
