@@ -115,4 +115,5 @@ def test_a_take_replays_the_frames_the_live_loop_decoded(tmp_path):
     frames = list(source)
     assert source.total == 3 and len(frames) == 3
     for i, frame in enumerate(frames):
-        assert torch.equal(frame, decode_frame(jpeg(i), (24, 32)))
+        assert torch.equal(frame.image, decode_frame(jpeg(i), (24, 32)))
+        assert frame.stamp == pytest.approx(1000.0 + i * 33.3) and frame.received_at == pytest.approx(i * 0.033)

@@ -29,9 +29,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import torch
-
 from ..file_rules import FileRefused, check_inside, read_image_bytes
+from ..stream.frame import Frame
 from .params import Capabilities, Change, parse_change
 from .session import decode_frame
 
@@ -242,7 +241,8 @@ def _frame(take: Take, entry: dict) -> None:
 
 class TakeSource:
     """A take's frames as a loop source (``media.video_io``'s reader protocol), decoded as the live loop decoded
-    them: the same bytes through the same decoder, at the stream's size (``fit()``) once known."""
+    them: the same bytes through the same decoder, at the stream's size (``fit()``) once known, each ``Frame``
+    with its recorded capture stamp and arrival time."""
 
     fps = None
     ended_early = None
@@ -258,9 +258,10 @@ class TakeSource:
     def audio(self, skip_seconds: float = 0.0) -> None:
         return None
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for i in range(self.total):
-            yield decode_frame(self.take.frame_bytes(i), self.fit())
+    def __iter__(self) -> Iterator[Frame]:
+        for i, entry in enumerate(self.take.frames):
+            yield Frame(decode_frame(self.take.frame_bytes(i), self.fit()), stamp=entry["stamp"],
+                        received_at=entry["received_at"])
 
     def close(self) -> None:
         pass
