@@ -390,6 +390,16 @@ function widgetNumber(node, name, fallback) {
   return Number.isFinite(value) ? value : fallback;
 }
 
+// A workflow saved before the loop had its OSC/take inputs holds the upload button's value where osc_port is now:
+// those inputs go back to their defaults (the frontend assigns saved values by position).
+const INSTRUMENT_DEFAULTS = { osc_port: 0, osc_host: "127.0.0.1", record_take: true };
+
+function repairOlderWorkflow(node) {
+  const port = node.widgets?.find((w) => w.name === "osc_port");
+  if (!port || (typeof port.value === "number" && Number.isFinite(port.value))) return;
+  for (const w of node.widgets) if (w.name in INSTRUMENT_DEFAULTS) w.value = INSTRUMENT_DEFAULTS[w.name];
+}
+
 function attach(node) {
   const panel = node.streamv2vWebcam;
   if (!panel?.controls || panel.instrument) return;
@@ -416,6 +426,7 @@ app.registerExtension({
     const configured = nodeType.prototype.onConfigure;
     nodeType.prototype.onConfigure = function () {  // a loaded workflow: its mapping and presets
       const result = configured?.apply(this, arguments);
+      repairOlderWorkflow(this);
       this.streamv2vWebcam?.instrument?.renderMapping();
       this.streamv2vWebcam?.instrument?.showPresets();
       return result;
