@@ -93,7 +93,7 @@ async def _play(chrome, tmp_path):
         await cdp.wait_for(f"{INSTRUMENT}.midiStatus.textContent === 'MIDI: Stub MIDI controller'", timeout=30)
         await cdp.js(RECORD_POSTS)
         await cdp.js(f"{INSTRUMENT}.mapButton.click() || true")
-        assert await cdp.js(f"{INSTRUMENT}.mappingView.offsetHeight > 100")
+        await cdp.wait_for(f"{INSTRUMENT}.mappingView.offsetHeight > 100", timeout=30)  # once the canvas laid it out
         # learn: CC 21 on channel 1 drives strength, note 36 on channel 10 recalls preset 2
         assert await learn(cdp, "strength", "[0xB0, 21, 64]") == "CC 21 · ch 1"
         assert await learn(cdp, "preset_2", "[0x99, 36, 100]") == "note 36 · ch 10"
