@@ -46,7 +46,7 @@ INSTRUMENT = "window.loop.streamv2vWebcam.instrument"
 
 
 def row(control):
-    return f"{INSTRUMENT}.mappingView.querySelector('tr[data-control=\"{control}\"]')"
+    return f"{INSTRUMENT}.midi.view.querySelector('tr[data-control=\"{control}\"]')"
 
 
 async def posts_with(cdp, key, value=None):
@@ -90,10 +90,10 @@ async def _open(cdp, init_script):
 async def _play(chrome, tmp_path):
     async with chrome.page() as cdp:
         await _open(cdp, MIDI_STUB)
-        await cdp.wait_for(f"{INSTRUMENT}.midiStatus.textContent === 'MIDI: Stub MIDI controller'", timeout=30)
+        await cdp.wait_for(f"{INSTRUMENT}.midi.status.textContent === 'MIDI: Stub MIDI controller'", timeout=30)
         await cdp.js(RECORD_POSTS)
-        await cdp.js(f"{INSTRUMENT}.mapButton.click() || true")
-        await cdp.wait_for(f"{INSTRUMENT}.mappingView.offsetHeight > 100", timeout=30)  # once the canvas laid it out
+        await cdp.js(f"{INSTRUMENT}.midi.mapButton.click() || true")
+        await cdp.wait_for(f"{INSTRUMENT}.midi.view.offsetHeight > 100", timeout=30)  # once the canvas laid it out
         # learn: CC 21 on channel 1 drives strength, note 36 on channel 10 recalls preset 2
         assert await learn(cdp, "strength", "[0xB0, 21, 64]") == "CC 21 · ch 1"
         assert await learn(cdp, "preset_2", "[0x99, 36, 100]") == "note 36 · ch 10"
@@ -107,7 +107,7 @@ async def _play(chrome, tmp_path):
         await cdp.js("midiSend([0xB1, 21, 90]) || true")  # another channel: not this knob
         # store preset 2 at strength 0.5 and seed 77, move away, recall it by the note and by the key 2
         await cdp.js(f"""(() => {{ const i = {INSTRUMENT}; i.live.setSlider(i.strength, 0.5); i.seed.value = 77;
-                         i.storeButton.click(); i.presetButtons[1].click(); return true; }})()""")
+                         i.bank.storeButton.click(); i.bank.buttons[1].click(); return true; }})()""")
         await cdp.wait_for("window.loop.properties.streamv2v_presets[1]?.seed === 77", timeout=30)
         await cdp.js("window.posts.length = 0; midiSend([0xB0, 21, 127]) || true")
         await posts_with(cdp, "strength", 1)
@@ -122,7 +122,7 @@ async def _play(chrome, tmp_path):
         await _save_and_load(cdp)
     async with chrome.page() as cdp:
         await _open(cdp, INSECURE)
-        assert "needs a secure context" in await cdp.js(f"{INSTRUMENT}.midiStatus.textContent")
+        assert "needs a secure context" in await cdp.js(f"{INSTRUMENT}.midi.status.textContent")
 
 
 async def _save_and_load(cdp):
