@@ -209,3 +209,38 @@ def test_a_live_prompt_reaches_the_output_of_the_next_frame_through_the_engine(p
         assert torch.equal(plain[i], changed[i]), f"output {i} changed before the prompt did"
     for i in range(5, 10):
         assert (plain[i] - changed[i]).abs().max() > 1e-3, f"output {i} did not follow the new prompt"
+
+
+def test_live_sampling_fields_and_negative_prompt_reach_each_frame(parts):
+    """Seed (blended), strength, cfg, delta and a negative prompt, as the steering hands them to the engine."""
+    from streamv2v.nodes.engine import StreamSettings
+    from streamv2v.streamv2v_core.stream.noise import SeedBlend
+
+    model, clip, positive = parts
+    session = SESSIONS.get("cond_sampling")
+    settings = StreamSettings(seed=5, guidance="residual self-negative")
+    provider = FrameSteering(model, positive, clip, SteeringChoice(blend_frames=2), session, negative=positive,
+                             settings=settings)
+    stream = frames(5)
+    assert provider(Frame(stream[0], index=0)) is None
+    session.params.offer({"seed": 9, "strength": 0.6, "cfg": 2.0, "residual_delta": 0.5,
+                          "negative_prompt": "blurry"})
+    given = [provider(Frame(stream[i], index=i)) for i in range(1, 4)]
+    assert [g.seed for g in given] == [SeedBlend(5, 9, 0.5), 9, 9]  # blended over 2 frames from the node's seed
+    assert {(g.strength, g.cfg, g.residual_delta) for g in given} == {(0.6, 2.0, 0.5)}
+    assert given[0].negative is not None and given[0].positive is None  # the negative blends in, the positive stays
+    assert provider.current()["negative_prompt"] == "blurry" and provider.current()["seed"] == 9
+    provider.close()
+    with pytest.raises(ValueError, match="residual_delta acts only with a residual guidance"):
+        parse_change({"residual_delta": 0.5}, Capabilities())
+
+
+def test_a_take_replays_its_changes_at_their_frames(parts):
+    model, clip, positive = parts
+    provider = FrameSteering(model, positive, clip, SteeringChoice(blend_frames=0), SESSIONS.get("cond_replay"))
+    provider.replay = {2: [parse_change({"strength": 0.7}, provider.can)]}
+    stream = frames(4)
+    given = [provider(Frame(stream[i], index=i)) for i in range(4)]
+    assert given[:2] == [None, None] and given[2].strength == 0.7 and given[3].strength == 0.7
+    assert provider.session.params.status()["log"] == [{"frame": 2, "change": "strength 0.7"}]
+    provider.close()
