@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from host.waiting import join, wait_until
 from streamv2v.streamv2v_core.media.frames import FrameResizer, StreamSizer
 from streamv2v.streamv2v_core.live.session import (BadFrame, BrowserSession, SessionRegistry, check_session_name,
                                                    decode_frame, live_frames)
@@ -63,19 +64,24 @@ def test_live_frames_drop_bad_frames_and_go_on():
     sent = [encoded(160, 120, seed=1), b"garbage", encoded(4, 4, "PNG"), encoded(2000, 1500, seed=2),
             encoded(320, 240, seed=3)]
 
-    def sender():
-        for stamp, data in enumerate(sent):
-            while not session.wants_frame():
-                threading.Event().wait(0.005)
-            session.offer(data, float(stamp))
-        while not session.wants_frame():
-            threading.Event().wait(0.005)
-        session.stop()
+    failed = []
 
-    thread = threading.Thread(target=sender)
+    def sender():
+        try:
+            for stamp, data in enumerate(sent):
+                wait_until(session.wants_frame, 30, f"the loop to want frame {stamp}", poll=0.005)
+                session.offer(data, float(stamp))
+            wait_until(session.wants_frame, 30, "the loop to take the last frame", poll=0.005)
+        except BaseException as error:  # reported below, after the reader has ended
+            failed.append(error)
+        finally:
+            session.stop()  # ends live_frames below whatever happened here
+
+    thread = threading.Thread(target=sender, daemon=True)
     thread.start()
     got = [(sizer(frame.image).shape, frame.stamp) for frame in live_frames(session, sizer.hint, idle.append, 0.02)]
-    thread.join()
+    join(thread, 30, "the frame sender")
+    assert not failed, failed
     assert got == [((48, 64, 3), 0.0), ((48, 64, 3), 3.0), ((48, 64, 3), 4.0)]
     assert dict(session.dropped) == {"undecodable": 1, "too small": 1} and session.taken == 5
 

@@ -15,7 +15,8 @@ import torch
 
 from host.clips import make_clip
 from host.prompts import loop_prompt, webcam_loop_prompt
-from test_loop_server import image_bytes, request, wait_for
+from host.waiting import wait_until
+from test_loop_server import image_bytes, request
 
 STEPS = 2
 
@@ -97,7 +98,7 @@ def test_live_params_route_checks_every_value(comfy_server):
     assert code == 400
     prompt_id = comfy_server.queue_prompt(webcam_loop_prompt(session, "live/params", steps=1))
     try:
-        wait_for(lambda: json.loads(request(f"{base}/{session}/status")[1])["running"], what="the loop to start")
+        wait_until(lambda: json.loads(request(f"{base}/{session}/status")[1])["running"], what="the loop to start")
         for payload, status, message in [
             (b"not json", 400, "the body is not JSON"),
             (json.dumps({"ff_alpha": 2}).encode(), 400, "ff_alpha must be a number from 0 to 1, got 2"),
@@ -112,8 +113,8 @@ def test_live_params_route_checks_every_value(comfy_server):
         code, body = request(f"{base}/{session}/params", json.dumps({"blend_frames": 4}).encode())
         assert code == 200 and json.loads(body)["accepted"] == {"blend_frames": 4}
         post = lambda: request(f"{comfy_server.url}/streamv2v/webcam/{session}/frame", image_bytes(64, 64))  # noqa
-        state = wait_for(lambda: post() and json.loads(request(f"{base}/{session}/params")[1])["changes"] == 1
-                         and json.loads(request(f"{base}/{session}/params")[1]), what="the change to apply")
+        state = wait_until(lambda: post() and json.loads(request(f"{base}/{session}/params")[1])["changes"] == 1
+                           and json.loads(request(f"{base}/{session}/params")[1]), what="the change to apply")
         assert state["log"] == [{"frame": 0, "change": "blend frames 4"}] and state["current"]["blend_frames"] == 4
     finally:
         request(f"{base}/{session}/stop", b"")

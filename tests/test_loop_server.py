@@ -17,8 +17,10 @@ from PIL import Image
 from host.clips import AUDIO_RATE, make_clip, read_back
 from host.prompts import loop_prompt, webcam_loop_prompt
 from host.server import PromptFailed
+from host.waiting import wait_until
 
 FRAMES = 6
+FEED_TIMEOUT_S = 240  # 98 frames through the tiny model, one at a time: about 15 s on an idle 2-core machine
 
 
 def rss_mib(pid: int) -> float:
@@ -34,16 +36,6 @@ def request(url, data=None, method=None):
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
-
-
-def wait_for(condition, timeout=60.0, what="condition", show=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out waiting for {what}" + (f": {show()}" if show else ""))
 
 
 def core_video_prompt(clip: str, tag: str, first_id: int) -> dict:
@@ -99,10 +91,10 @@ def test_cancelled_loop_reports_its_mp4_and_runs_again(comfy_server):
     for attempt in range(2):  # queued again after a cancel, the same prompt runs again (not cached)
         before = set((comfy_server.output_dir / "cancel").glob("*.mp4"))
         prompt_id = comfy_server.queue_prompt(prompt)
-        path = wait_for(lambda: [p for p in (comfy_server.output_dir / "cancel").glob("*.mp4")
+        path = wait_until(lambda: [p for p in (comfy_server.output_dir / "cancel").glob("*.mp4")
                                  if p not in before and p.stat().st_size > 2000], what="a growing MP4")[0]
         comfy_server.interrupt()
-        entry = wait_for(lambda: comfy_server.history(prompt_id), what="the history entry")
+        entry = wait_until(lambda: comfy_server.history(prompt_id), what="the history entry")
         assert comfy_server.output_files(entry) == [path], entry  # history (and preview) keep the MP4
         frames, rate, _, _ = read_back(path)
         assert 4 <= frames.shape[0] < 80 and rate == 4
@@ -116,10 +108,15 @@ async def _feed_live_loop(comfy_server, session, frames):
 
     url = f"ws://127.0.0.1:{comfy_server.port}/streamv2v/webcam/{session}/ws"
     sent, received = [], []
+    deadline = time.monotonic() + FEED_TIMEOUT_S  # status messages keep coming even when frames stop
     async with aiohttp.ClientSession() as http_session, http_session.ws_connect(url) as ws:
         index = 0
         while index < len(frames) or len(received) < 20:
-            message = await ws.receive(timeout=120)
+            try:
+                message = await ws.receive(timeout=max(0.01, deadline - time.monotonic()))  # 0 = none
+            except asyncio.TimeoutError:
+                raise AssertionError(f"after {FEED_TIMEOUT_S} s: {index} of {len(frames)} frames sent, "
+                                     f"{len(received)} received (20 wanted)\n{comfy_server.log_tail(20)}") from None
             if message.type == aiohttp.WSMsgType.BINARY:
                 received.append((np.frombuffer(message.data[:8], "<f8")[0], message.data[8:]))
             elif message.type == aiohttp.WSMsgType.TEXT and json.loads(message.data)["type"] == "ready":
@@ -169,15 +166,15 @@ def test_live_loop_survives_bad_frames(comfy_server):
     base = f"{comfy_server.url}/streamv2v"
     status = lambda: json.loads(request(f"{base}/loop/{session}/status")[1])  # noqa: E731
     try:
-        wait_for(lambda: status()["running"], what="the loop to start")
+        wait_until(lambda: status()["running"], what="the loop to start")
         started = time.monotonic()
         sent, received = asyncio.run(_feed_live_loop(comfy_server, session, frames))
         for posted in range(2):  # a client posting garbage over HTTP is dropped the same way
-            wait_for(lambda: status()["taken"] == len(sent) + posted, what=f"{len(sent) + posted} frames taken",
+            wait_until(lambda: status()["taken"] == len(sent) + posted, what=f"{len(sent) + posted} frames taken",
                      show=status)
             code, body = request(f"{base}/webcam/{session}/frame", b"\xff\xd8 truncated")
             assert code == 200 and json.loads(body)["accepted"]
-        wait_for(lambda: status()["taken"] == 100, what="all frames taken", show=status)
+        wait_until(lambda: status()["taken"] == 100, what="all frames taken", show=status)
         elapsed = time.monotonic() - started
     finally:
         request(f"{base}/loop/{session}/stop", b"")
@@ -236,7 +233,7 @@ def test_stop_before_the_first_frame_ends_cleanly_and_idle_is_shown(comfy_server
         deadline = time.monotonic() + 60
         async with aiohttp.ClientSession() as http_session, http_session.ws_connect(url) as ws:
             while time.monotonic() < deadline:  # a browser that never sends: the status says how long nothing came
-                message = json.loads((await ws.receive(timeout=60)).data)
+                message = json.loads((await ws.receive(timeout=max(0.1, deadline - time.monotonic()))).data)
                 if message["type"] == "status" and (message["idle_s"] or 0) >= 2.5:
                     await ws.send_str(json.dumps({"type": "stop"}))
                     return message

@@ -40,11 +40,20 @@ class Cdp:
     def __init__(self, ws):
         self.ws, self.next_id = ws, 0
 
-    async def call(self, method, **params):
+    async def call(self, method, answer_within=60.0, **params):
+        """The result of one DevTools command; TimeoutError naming it when no answer comes in ``answer_within``
+        seconds (the page's own events keep arriving meanwhile: each wait is for what is left of the deadline)."""
         self.next_id += 1
         await self.ws.send_json({"id": self.next_id, "method": method, "params": params})
+        deadline = time.monotonic() + answer_within
         while True:
-            message = json.loads((await self.ws.receive(timeout=60)).data)
+            try:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                message = json.loads((await self.ws.receive(timeout=left)).data)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"chromium did not answer {method} within {answer_within:g} s") from None
             if message.get("id") == self.next_id:
                 if "error" in message:
                     raise RuntimeError(f"{method}: {message['error']}")
