@@ -3,6 +3,7 @@ import threading
 
 import pytest
 
+from host.waiting import join
 from streamv2v.streamv2v_core.bank.storage import MAX_BANKS, BankConfig, BankHandle, BankRegistry, check_bank_name
 from streamv2v.streamv2v_core.registry import Registry, RegistryFull, clear_all_registries
 
@@ -57,20 +58,62 @@ def test_clear_all_never_compares_values():
     assert reg.clear_all() == 2 and not reg.names()
 
 
-def test_get_or_create_is_thread_safe_and_bounded():
+def test_concurrent_get_or_create_of_one_name_makes_one_value():
+    """Threads asking for one name at once all get one value, made once: the look-up and the put happen under
+    one lock. Without it every caller misses, makes its own value and replaces the others' (a webcam session
+    made twice: the loop and the browser hold different sessions)."""
     reg = Registry("t", 8, register=False)
+    callers = 4
+    arrived = threading.Barrier(callers + 1, timeout=30)  # the callers and this test
+    second_maker = threading.Event()
+    made, got = [], {}
+
+    def make():
+        made.append(1)
+        if len(made) > 1:
+            second_maker.set()
+        # The first maker keeps the window open: under the lock nobody else can get here; without it the
+        # others (already past the barrier, one dictionary look-up away) arrive within microseconds.
+        second_maker.wait(0.5)
+        return object()
+
+    def work(i):
+        arrived.wait()
+        got[i] = reg.get_or_create("shared", make)
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(callers)]
+    for t in threads:
+        t.start()
+    arrived.wait()
+    for i, t in enumerate(threads):
+        join(t, 30, f"get_or_create caller {i}")
+    assert len(made) == 1, f"{len(made)} values made for one name by {callers} concurrent callers"
+    assert len(got) == callers and all(value is reg.find("shared") for value in got.values())
+
+
+def test_get_or_create_stays_bounded_and_closes_every_value_it_drops_under_threads():
+    closed = []
+    reg = Registry("t", 8, close=closed.append, register=False)
     made = []
+
+    def make():
+        value = object()
+        made.append(value)
+        return value
 
     def work(i):
         for j in range(200):
-            reg.get_or_create(f"n{(i * 7 + j) % 20}", lambda: made.append(1) or object())
+            reg.get_or_create(f"n{(i * 7 + j) % 20}", make)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(4)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    for i, t in enumerate(threads):
+        join(t, 60, f"worker {i}")
     assert len(reg) == 8
+    kept = reg.values()
+    assert len(made) == len(closed) + len(kept)  # every value made is either kept or was closed, once
+    assert {id(v) for v in made} == {id(v) for v in closed} | {id(v) for v in kept}
 
 
 def test_banks_are_bounded_and_reading_a_handle_never_resets_its_bank():
@@ -96,11 +139,15 @@ def test_bank_names_that_cannot_be_cleared_or_logged_safely_are_refused(name):
     assert check_bank_name("  my bank é ") == "my bank é"
 
 
-def test_signatures_never_take_a_reused_id_for_the_same_model():
-    """A reloaded checkpoint often gets its predecessor's id(): signatures hold weak references instead."""
+def test_signatures_never_take_a_reused_id_for_the_same_model(monkeypatch):
+    """A reloaded checkpoint often gets its predecessor's id() (CPython reuses freed memory): signatures hold weak
+    references instead. Here the reuse is certain, not left to the allocator: every object gets one id."""
     import gc
 
+    from streamv2v.nodes.engine import signatures
     from streamv2v.nodes.engine.signatures import SameObject
+
+    monkeypatch.setattr(signatures, "id", lambda obj: 0x5EED, raising=False)  # as if each address were reused
 
     class Model:
         pass
@@ -108,13 +155,14 @@ def test_signatures_never_take_a_reused_id_for_the_same_model():
     first = Model()
     kept = SameObject(first)
     assert kept == SameObject(first) and hash(kept) == hash(SameObject(first))
-    old_id = id(first)
     del first
     gc.collect()
-    made = [Model() for _ in range(10_000)]  # kept alive: one of them lands on the freed memory
-    reloaded = next(m for m in made if id(m) == old_id)
+    reloaded = Model()
+    assert hash(SameObject(reloaded)) == hash(kept)  # what a reused id gives
     assert SameObject(reloaded) != kept
     assert frozenset({("w", SameObject(reloaded))}) != frozenset({("w", kept)})
+    other = Model()
+    assert SameObject(other) != SameObject(reloaded)  # two living objects with one id stay apart
 
 
 def test_bank_status_counts_a_running_streams_frames():
