@@ -147,6 +147,31 @@ def test_cancel_keeps_and_reports_the_mp4(parts, comfy_dirs, monkeypatch):
     assert abs(len(samples) / AUDIO_RATE - k / 10) < 0.1
 
 
+def test_a_live_frame_taken_just_before_stop_is_still_written():
+    """Stop pressed while the loop decodes the frame it just took from the session: that frame is given on (the
+    session counted it as taken; dropping it wrote fewer frames than taken with none reported dropped), and
+    nothing is read after it."""
+    from streamv2v.nodes.loop.sources import FramePick, FrameStream
+    from streamv2v.streamv2v_core.live.session import BrowserSession
+    from streamv2v.streamv2v_core.stream.frame import Frame
+
+    session = BrowserSession("stop-race")
+    session.start()
+    read = []
+
+    def reader():
+        for i in range(5):
+            if i == 2:
+                session.stop()  # arrives while frame 2, already taken, is decoded
+            read.append(i)
+            yield Frame(torch.full((8, 8, 3), i / 10.0), stamp=float(i))
+
+    pick = FramePick()
+    stream = FrameStream(reader(), pick, pick.sizer(), session)
+    assert [frame.stamp for frame in stream] == [0.0, 1.0, 2.0] and read == [0, 1, 2]
+    assert stream.stopped and stream.read == 3
+
+
 def test_bad_input_fails_before_work(parts, comfy_dirs, tmp_path):
     inp, out = comfy_dirs
     (inp / "notes.mp4").write_text("not a video")

@@ -24,6 +24,7 @@ VIDEO_FILE, IMAGE_FOLDER, CAMERA, BROWSER, TAKE = "video file", "image folder", 
 SOURCES = (VIDEO_FILE, IMAGE_FOLDER, CAMERA, BROWSER, TAKE)  # new choices go last (saved workflows keep theirs)
 FILE_SOURCES = (VIDEO_FILE, IMAGE_FOLDER, TAKE)
 LIVE_SOURCES = (CAMERA, BROWSER)
+_END = object()  # a reader's end
 
 
 @dataclass(frozen=True)
@@ -136,10 +137,14 @@ class FrameStream:
             yield replace(frame, image=self.sizer(frame.image))
 
     def _until_stopped(self):
-        for item in self.reader:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            if self.session.stopped:
+        # Stop is checked before each read, not after: a live frame the reader took from the session before
+        # Stop was pressed (and was decoding meanwhile) is written, not lost between the session's counters.
+        items = iter(self.reader)
+        while not self.session.stopped:
+            item = next(items, _END)
+            if item is _END:
                 break
+            comfy.model_management.throw_exception_if_processing_interrupted()
             yield item
         if self.session.stopped:
             self.stopped = True
