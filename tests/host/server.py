@@ -16,7 +16,7 @@ ComfyUI imports each custom node folder under a sys.modules name equal to its *f
 Public API
 ----------
 ComfyServer(comfy_path=None, python=None, port=None, extra_args=(), custom_nodes=None,
-            startup_timeout=120.0, keep_dir=False, env=None)
+            startup_timeout=300.0, keep_dir=False, env=None)
   .start() / .stop() / context manager
   .url, .port, .base_dir, .output_dir, .input_dir, .log_path, .proc
   .object_info(node_class=None) -> dict
@@ -90,7 +90,7 @@ class PromptFailed(ServerError):
 
 class ComfyServer:
     def __init__(self, comfy_path=None, python=None, port=None, extra_args=(), custom_nodes=None,
-                 startup_timeout: float = 120.0, keep_dir: bool = False, env: dict | None = None):
+                 startup_timeout: float = 300.0, keep_dir: bool = False, env: dict | None = None):
         self.comfy_path = pathlib.Path(comfy_path) if comfy_path else default_comfy_path()
         self.python = python or default_python()
         self.port = port or free_port()
