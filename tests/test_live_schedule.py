@@ -70,17 +70,21 @@ def run(frame_schedules, stream_batch=True, own=None, split_at=None):
             pipe = StreamPipeline(own.sigmas, list(own.sigma_values), denoise, noise_scaling, NoiseSource(7), False,
                                   in_flight=pipe.state)
         pipe.push(i, latent, frame_schedules[i])
-        while True:
-            done = pipe.step()
-            if done is not None:
-                out[done[0]] = done[1]
-            if stream_batch or not len(pipe):
-                break
-    while len(pipe):
+        drain(pipe, out, until_empty=not stream_batch)  # one call, or every step of this frame
+    drain(pipe, out, until_empty=True)  # the frames still in flight
+    return torch.cat([out[i] for i in range(len(frame_schedules))])
+
+
+def drain(pipe: StreamPipeline, out: dict, until_empty: bool) -> None:
+    """One model call, or calls until the pipeline is empty: at most STEPS (a pipeline that never empties fails
+    instead of hanging the suite)."""
+    for _ in range(STEPS):
         done = pipe.step()
         if done is not None:
             out[done[0]] = done[1]
-    return torch.cat([out[i] for i in range(len(frame_schedules))])
+        if not until_empty or not len(pipe):
+            return
+    raise AssertionError(f"{len(pipe)} frames still in the pipeline after {STEPS} calls")
 
 
 @pytest.mark.parametrize("stream_batch", [True, False], ids=["stream batch", "sequential"])

@@ -11,6 +11,7 @@ import pytest
 from pythonosc import udp_client
 
 from host.osc_flood import hostile_packets
+from host.waiting import wait_until
 
 from streamv2v.streamv2v_core.live.osc import OscListener, change_body
 from streamv2v.streamv2v_core.live.params import Capabilities, LiveParams
@@ -33,12 +34,8 @@ def live():
     listener.close()
 
 
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError
-        time.sleep(0.01)
+def wait_for(predicate, timeout=5.0, what="the OSC listener", show=None):
+    wait_until(predicate, timeout, what, show=show, poll=0.01)
 
 
 def taken(params, count, timeout=5.0):
@@ -48,7 +45,7 @@ def taken(params, count, timeout=5.0):
     def got():
         changes.extend(params.take())
         return len(changes) >= count
-    wait_for(got, timeout)
+    wait_for(got, timeout, f"{count} changes", show=lambda: changes)
     return changes
 
 

@@ -15,7 +15,8 @@ from pythonosc import udp_client
 
 from host.prompts import loop_prompt
 from host.server import free_port
-from test_loop_server import image_bytes, request, wait_for
+from host.waiting import wait_until
+from test_loop_server import image_bytes, request
 
 SESSION, FRAMES = "take_test", 10
 SETTINGS = {"width": 64, "height": 64, "steps": 2, "seed": 3, "strength": 0.5}
@@ -40,7 +41,7 @@ def play_take(server, osc_port) -> tuple[dict, list]:
     """A live take: frames one by one, a route change, OSC changes and an OSC preset recall mid-take."""
     base = f"{server.url}/streamv2v/loop/{SESSION}"
     prompt_id = server.queue_prompt(prompt("take/live", source="browser webcam", osc_port=osc_port))
-    wait_for(lambda: status(server)["running"], what="the loop to start")
+    wait_until(lambda: status(server)["running"], what="the loop to start")
     for body, want, message in [({"presets": [{"strength": 3}]}, 400, "preset 1: strength must be a number"),
                                 ({"presets": [None] * 9}, 400, "at most 8"), ({"x": 1}, 400, 'send {"presets"')]:
         code, answer = request(f"{base}/presets", json.dumps(body).encode())
@@ -58,11 +59,11 @@ def play_take(server, osc_port) -> tuple[dict, list]:
             if i in changes:
                 before = status(server, "params")["changes"]
                 changes[i]()
-                wait_for(lambda: status(server, "params")["pending"] > 0 or status(server, "params")["changes"]
-                         > before, what=f"the change before frame {i} to arrive")
+                wait_until(lambda: status(server, "params")["pending"] > 0 or status(server, "params")["changes"]
+                           > before, what=f"the change before frame {i} to arrive")
             request(f"{server.url}/streamv2v/webcam/{SESSION}/frame", image_bytes(64, 64, seed=i))
-            wait_for(lambda: status(server)["taken"] == i + 1, what=f"frame {i} to be taken")
-        wait_for(lambda: status(server, "params")["pending"] == 0, what="every change applied")
+            wait_until(lambda: status(server)["taken"] == i + 1, what=f"frame {i} to be taken")
+        wait_until(lambda: status(server, "params")["pending"] == 0, what="every change applied")
         log = status(server, "params")["log"]
     finally:
         request(f"{base}/stop", b"")
