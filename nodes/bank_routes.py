@@ -4,12 +4,18 @@ GET    /streamv2v/banks               {"banks": [FeatureBank.status(), ...]}: th
                                       FeatureBank nodes is refreshed from it after every prompt (a
                                       cached FeatureBank node does not run again)
 POST   /streamv2v/banks/{name}/clear  forget the bank's features and frame count (the node's Clear
-                                      button); {"status": {...}}
-DELETE /streamv2v/banks/{name}        drop the bank and release its memory; {"removed", "bytes"}
+                                      button); {"status": {...}}; a bank a running loop reads is the
+                                      bank of that name, so this clears what the loop sees
+DELETE /streamv2v/banks/{name}        drop the bank and release its memory; {"removed", "bytes"};
+                                      409 while a running loop reads it (clear it instead)
 
-``POST /free`` with ``free_memory`` (the "Free memory" button / API) also drops every bank
-and every stream state: an aiohttp middleware observes that request after ComfyUI handled
-it (ComfyUI's own handler is unchanged).
+Both change state: they take only requests of the server's own pages or of HTTP clients, POST
+with ``Content-Type: application/json`` (``request_guard.guarded``).
+
+``POST /free`` with ``free_memory`` (the "Free memory" button / API) also clears every bank and
+drops every stream state and every bank no loop runs on: an aiohttp middleware observes that
+request after ComfyUI handled it (ComfyUI's own handler is unchanged). A running loop keeps its
+bank (cleared: its past is forgotten) under its name.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from aiohttp import web
 from ..streamv2v_core.bank.storage import BANKS, MAX_NAME, check_bank_name
 from ..streamv2v_core.registry import clear_all_registries
 from .engine import bank_status
+from .request_guard import guarded
 
 log = logging.getLogger("streamv2v")
 
@@ -50,6 +57,9 @@ async def clear_bank(request: web.Request) -> web.Response:
 async def delete_bank(request: web.Request) -> web.Response:
     name = _name(request)
     bank = BANKS.find(name) if name else None
+    if bank is not None and bank.users:
+        return web.json_response({"error": f"bank {name!r} is read by a running loop: stop the loop before deleting "
+                                           f"it, or clear it (POST /streamv2v/banks/{{name}}/clear)"}, status=409)
     held = bank.nbytes() if bank is not None else 0
     if bank is not None:
         BANKS.remove(name)
@@ -58,7 +68,8 @@ async def delete_bank(request: web.Request) -> web.Response:
 
 
 def free_all(reason: str) -> int:
-    """Drop every bank, stream state, session and cursor; returns the bytes the banks held."""
+    """Clear every bank; drop every stream state, and every bank, session and cursor no loop runs on; returns the
+    bytes the banks held."""
     held = BANKS.free(reason)
     clear_all_registries()  # stream states, browser sessions, frame cursors (whatever is registered)
     log.info("StreamV2V: %s released %.1f MiB of feature banks", reason, held / 2**20)
@@ -82,8 +93,8 @@ async def release_on_free(request: web.Request, handler):
 def add_bank_routes(routes, app) -> None:
     """Add the bank routes, and the /free observer to ``app`` (before the server starts)."""
     routes.get("/streamv2v/banks")(get_banks)
-    routes.post("/streamv2v/banks/{name}/clear")(clear_bank)
-    routes.delete("/streamv2v/banks/{name}")(delete_bank)
+    routes.post("/streamv2v/banks/{name}/clear")(guarded("json")(clear_bank))
+    routes.delete("/streamv2v/banks/{name}")(guarded("none")(delete_bank))
     if app is not None and not app.frozen:
         app.middlewares.append(release_on_free)
     else:

@@ -60,9 +60,15 @@ class StreamV2VSampler(io.ComfyNode):
             progress.update_absolute(index + 1, total, preview)
 
         node_id = node_id_of(cls)
-        run_stream(model, positive, negative, vae, iter(images), settings, on_output,
-                   stream_key=f"StreamV2VSampler {node_id}" if node_id is not None else None,
-                   who="StreamV2V Sampler", frame_count=total)
+        report = run_stream(model, positive, negative, vae, iter(images), settings, on_output,
+                            stream_key=f"StreamV2VSampler {node_id}" if node_id is not None else None,
+                            who="StreamV2V Sampler", frame_count=total)
+        if report.held:  # never pass NaN frames on (they would be black, and poison what uses them)
+            shown = ", ".join(map(str, report.held_inputs)) + (", ..." if report.held > len(report.held_inputs) else "")
+            raise ValueError(f"StreamV2V Sampler: {report.held} of {total} frames came out not finite (NaN or inf; "
+                             f"frames {shown}), so none are passed on. Usual causes: a prompt weight like "
+                             f"'(text:1e30)', a model or VAE that overflows in fp16 (try --fp32-vae or bf16), or a "
+                             f"LoRA at a huge strength.")
         return io.NodeOutput(torch.stack(outputs))
 
 

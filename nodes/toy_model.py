@@ -94,7 +94,44 @@ def load_toy_clip(path) -> comfy.sd.CLIP:
     sd, metadata = comfy.utils.load_torch_file(str(path), return_metadata=True)
     if not metadata or CLIP_CONFIG_KEY not in metadata:
         raise ValueError(f"{path} has no '{CLIP_CONFIG_KEY}' metadata: not a StreamV2V toy text encoder")
-    return clip_from_config(json.loads(metadata[CLIP_CONFIG_KEY]), sd)
+    return clip_from_config(clip_config_of(metadata[CLIP_CONFIG_KEY], sd, path), sd)
+
+
+def clip_config_of(text: str, sd: dict, path) -> dict:
+    """The text encoder's size from a file's metadata ``text`` (JSON), checked against the weights ``sd`` it
+    comes with: a file's metadata never makes the loader build (allocate) more than the file's own weights
+    hold (a text encoder declared 100,000 wide would be tens of GB). ValueError naming the file otherwise."""
+    try:
+        config = json.loads(text)
+    except (ValueError, RecursionError):
+        config = None
+    if not isinstance(config, dict) or sorted(config) != sorted(CLIP_SIZES) \
+            or any(type(v) is not int or v < 1 for v in config.values()):
+        raise ValueError(f"{path}: the '{CLIP_CONFIG_KEY}' metadata must be a JSON object of the whole numbers "
+                         f"{', '.join(CLIP_SIZES)}")
+    held = clip_sizes_of(sd, path)
+    wrong = [f"{k} {config[k]} (the weights hold {v})" for k, v in held.items() if config[k] != v]
+    if wrong or held["hidden_size"] % config["num_attention_heads"]:
+        raise ValueError(f"{path}: the metadata does not describe the text encoder the file holds: "
+                         f"{'; '.join(wrong) or 'num_attention_heads must divide hidden_size'}")
+    return config
+
+
+CLIP_SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "projection_dim")
+
+
+def clip_sizes_of(sd: dict, path) -> dict:
+    """The sizes a CLIP-L-shaped text encoder's weights ``sd`` (``text_model.*``) hold (all but the number of
+    attention heads, which weights do not show)."""
+    try:
+        hidden = sd["text_model.embeddings.token_embedding.weight"].shape[1]
+        intermediate = sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
+    except (KeyError, IndexError):
+        raise ValueError(f"{path}: no CLIP-L-shaped text encoder weights (text_model.*)") from None
+    layers = {key.split(".")[3] for key in sd if key.startswith("text_model.encoder.layers.")}
+    projection = sd.get("text_projection.weight")
+    return {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": len(layers),
+            "projection_dim": projection.shape[0] if projection is not None else hidden}
 
 
 def load_toy_vae(path) -> comfy.sd.VAE:
@@ -147,7 +184,8 @@ def load_checkpoint_file(path, device=None):
         if not parts[UNET_PREFIX] or not (metadata or {}).get(CLIP_CONFIG_KEY):
             raise core_error
         unet = unet_from_state_dict(parts[UNET_PREFIX], device)
-        clip = clip_from_config(json.loads(metadata[CLIP_CONFIG_KEY]), parts[CLIP_PREFIX])
+        config = clip_config_of(metadata[CLIP_CONFIG_KEY], parts[CLIP_PREFIX], path)
+        clip = clip_from_config(config, parts[CLIP_PREFIX])
         vae = comfy.sd.VAE(sd=parts[VAE_PREFIX])
         vae.throw_exception_if_invalid()
         return unet, clip, vae

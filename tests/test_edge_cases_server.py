@@ -32,7 +32,8 @@ TINY = {"1": {"class_type": "TinyCheckpointLoader", "inputs": {"kind": "sd15", "
 
 def http(server, method, path, body=None):
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(server.url + path, data=data, method=method)
+    request = urllib.request.Request(server.url + path, data=data, method=method,  # state changes take only JSON
+                                     headers={"Content-Type": "application/json"} if method == "POST" else {})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read() or b"null")

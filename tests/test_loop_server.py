@@ -28,9 +28,18 @@ def rss_mib(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024.0
 
 
-def request(url, data=None, method=None):
-    """(status, body) of a request, also for error statuses."""
-    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"))
+# What the pack's state-changing routes take (nodes/request_guard.py): frames as an image with the client header,
+# everything else as JSON (a browser cannot send either cross-site without asking first).
+FRAME_HEADERS = {"Content-Type": "image/jpeg", "X-StreamV2V-Client": "1"}
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def request(url, data=None, method=None, headers=None):
+    """(status, body) of a request, also for error statuses; a POST carries the headers its route takes."""
+    method = method or ("POST" if data is not None else "GET")
+    if headers is None:
+        headers = (FRAME_HEADERS if url.endswith("/frame") else JSON_HEADERS) if method == "POST" else {}
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as response:
             return response.status, response.read()
@@ -202,7 +211,7 @@ def test_many_session_names_leave_server_memory_bounded(comfy_server):
 
     def post_many(first):
         for i in range(first, first + 2000):
-            connection.request("POST", f"/streamv2v/webcam/name{i}/frame", body=frame)
+            connection.request("POST", f"/streamv2v/webcam/name{i}/frame", body=frame, headers=FRAME_HEADERS)
             response = connection.getresponse()
             assert response.status == 200 and json.loads(response.read())["accepted"] is False
 

@@ -1,6 +1,8 @@
 """The loop's per-frame conditioning provider (nodes/loop/steering.py), in-process: each frame's hint, the
 prompt schedule's per-frame blend and its CLIP encodes, live changes (blend over N frames, one encode, bad values
 refused), and that the run's own CONDITIONING and ControlNet objects are never changed."""
+import re
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, 
 from streamv2v.nodes.loop.steering import (HINT_CANNY, HINT_FRAME, HINT_PREVIOUS, HINT_VIDEO,
                                                SteeringChoice, FrameSteering)
 from streamv2v.streamv2v_core import BANKS
-from streamv2v.streamv2v_core.live.params import Capabilities, parse_change
+from streamv2v.streamv2v_core.live.params import Capabilities, Change, LiveParams, parse_change, read_json
 from streamv2v.streamv2v_core.live.session import SESSIONS
 from streamv2v.streamv2v_core.media import hints
 from streamv2v.streamv2v_core.stream.frame import Frame, Output
@@ -149,9 +151,15 @@ def test_live_prompt_blends_in_over_n_frames_with_one_encode(parts):
     ({"blend_frames": 2.5}, "blend_frames must be a whole number from 0 to 1000"),
     ({"clear_bank": "yes"}, "clear_bank must be true or false"),
     ({}, "nothing to change"),
+    ({"prompt": "abc \ud800 def"}, "prompt holds a character no text encoder can take (a lone surrogate U+D800"),
+    ({"prompt": "abc\x1b[2Jdef"}, "prompt holds the control character U+001B"),
+    ({"prompt": "(a watercolor painting:nan)"}, "prompt: the weight of '(a watercolor painting:nan)' is nan"),
+    ({"prompt": "(a:inf)"}, "the weight of '(a:inf)' is inf"),
+    ({"prompt": "(a:1e308)"}, "a weight must be a number from -10 to 10"),
+    ({"prompt": "(" * 1900 + "a" + ")" * 1900}, "prompt: the weight of"),  # ComfyUI: a RecursionError
 ])
 def test_bad_live_values_are_refused_with_the_rule(body, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         parse_change(body, Capabilities(clip=True, control=True, fusion=True, bank=True))
 
 
@@ -244,3 +252,109 @@ def test_a_take_replays_its_changes_at_their_frames(parts):
     assert given[:2] == [None, None] and given[2].strength == 0.7 and given[3].strength == 0.7
     assert provider.session.params.status()["log"] == [{"frame": 2, "change": "strength 0.7"}]
     provider.close()
+
+
+def test_an_applied_zero_is_answered_as_applied():
+    can = Capabilities(clip=True, control=True, fusion=True, bank=True)
+    change = parse_change({"ff_alpha": 0, "blend_frames": 0, "control_strength": 0, "clear_bank": False}, can)
+    assert change.fields() == {"blend_frames": 0, "control_strength": 0.0, "ff_alpha": 0.0}
+    assert change.describe() == "blend frames 0, control strength 0, FF alpha 0"
+
+
+def test_bodies_the_json_parser_cannot_take_are_refused_with_the_reason():
+    for data, message in ((b"[" * 30_000, "nests too deeply"), (b'{"prompt": "\xff"}', "not UTF-8"),
+                          (b"not json", "the body is not JSON")):
+        with pytest.raises(ValueError, match=message):
+            read_json(data)
+    assert read_json(b'{"prompt": "abc \\ud800"}') == {"prompt": "abc \ud800"}  # JSON carries it: parse_change refuses
+
+
+def test_pending_changes_coalesce_the_newest_wins_and_the_others_are_reported():
+    params = LiveParams()
+    params.begin(Capabilities(clip=True, fusion=True, bank=True), {})
+    for i in range(200):
+        params.offer({"prompt": f"p{i}"})
+    params.offer({"ff_alpha": 0.0, "blend_frames": 2})
+    params.offer({"clear_bank": True})
+    params.offer({"ff_alpha": 0.4})
+    taken = params.take()
+    assert taken == [Change(prompt="p199", blend_frames=2, ff_alpha=0.4, clear_bank=True)] and params.take() == []
+    params.applied(3, taken[0], {})
+    status = params.status()
+    assert status["superseded"] == 199 and status["pending"] == 0 and status["log"] == [
+        {"frame": 3, "change": "prompt 'p199' (blend 2 frames), FF alpha 0.4, bank cleared (superseding 'p196', "
+                               "'p197', 'p198')"}]
+
+
+def test_changes_no_frame_took_are_reported_as_discarded():
+    params = LiveParams()
+    params.begin(Capabilities(fusion=True), {})
+    params.offer({"ff_alpha": 0.2})
+    params.end()
+    status = params.status()
+    assert not status["running"] and status["discarded"] == 1 and status["log"] == [
+        {"frame": None, "problem": "discarded (the loop ended before a frame took it): FF alpha 0.2"}]
+
+
+def test_a_flood_of_prompt_changes_costs_at_most_one_encode_a_frame(parts):
+    """16 prompts sent before each of 12 frames: 12 encodes (the newest prompt of each frame), 180 superseded."""
+    model, clip, positive = parts
+    session = SESSIONS.get("cond_flood")
+    provider = FrameSteering(model, positive, clip, SteeringChoice(blend_frames=0), session)
+    clip.encodes.clear()
+    for frame, image in enumerate(frames(12)):
+        for k in range(16):
+            session.params.offer({"prompt": f"style {frame} {k}"})
+        provider(Frame(image, index=frame))
+    status = session.params.status()
+    provider.close()
+    assert len(clip.encodes) == 12 and status["changes"] == 12 and status["superseded"] == 12 * 15
+    assert status["current"]["prompt"] == "style 11 15"
+
+
+class FailingClip(CountingClip):
+    """A CLIP that fails on texts holding 'boom' (as the tokenizer did on a lone surrogate: a TypeError) and
+    encodes texts holding 'nan' to NaN (as a NaN weight did)."""
+
+    def tokenize(self, text):
+        if "boom" in text:
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
+        return {**self.clip.tokenize(text), "nan": "nan" in text}
+
+    def encode_from_tokens_scheduled(self, tokens):
+        spoil = tokens.pop("nan")
+        encoded = super().encode_from_tokens_scheduled(tokens)
+        return [[encoded[0][0] * float("nan"), encoded[0][1]]] if spoil else encoded
+
+
+def test_a_prompt_the_encoder_still_fails_on_keeps_the_prompt_and_says_so(parts):
+    """If a checked prompt still fails at the frame (encoder error, non-finite embedding), the frame keeps the prompt
+    in effect, the rest of the change applies, the panel's log and the report say so; a keyframe alike."""
+    model, _, positive = parts
+    session = SESSIONS.get("cond_failing")
+    steering = FrameSteering(model, positive, FailingClip(), SteeringChoice(blend_frames=0), session)
+    stream = frames(6)
+    session.params.offer({"prompt": "oil painting"})
+    oil = steering(Frame(stream[0], index=0)).positive
+    session.params.offer({"prompt": "boom", "ff_alpha": 0.3})
+    given = steering(Frame(stream[1], index=1))
+    assert given.positive is oil and given.fusion_alpha == 0.3 and steering.live_prompt == "oil painting"
+    session.params.offer({"prompt": "a nan painting"})
+    assert steering(Frame(stream[2], index=2)).positive is oil
+    status = session.params.status()
+    assert status["problems"] == 2 and [e.get("problem", e.get("change")) for e in status["log"]] == [
+        "prompt 'oil painting'",
+        "prompt 'boom' not applied (the text encoder: TypeError: TextEncodeInput must be Union[TextInputSequence, "
+        "Tuple[InputSequence, InputSequence]]): the prompt stays 'oil painting'", "FF alpha 0.3",
+        "prompt 'a nan painting' not applied (the text encoder: its embedding is not finite (NaN or inf)): the "
+        "prompt stays 'oil painting'"]
+    assert "WARNING: 2 live problems (frame 1: prompt 'boom' not applied" in " | ".join(steering.report())
+    steering.close()
+    scheduled = FrameSteering(model, positive, FailingClip(), SteeringChoice(prompt_schedule="0: a photo\n2: boom"),
+                              session)
+    given = [scheduled(Frame(stream[i], index=i)).positive[0][0] for i in range(5)]
+    assert torch.equal(given[4], given[0]) and session.params.status()["log"] == [
+        {"frame": 1, "problem": "prompt schedule keyframe 2 not applied (the text encoder: TypeError: TextEncodeInput "
+                                "must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]): the prompt "
+                                "before it is kept"}]
+    scheduled.close()

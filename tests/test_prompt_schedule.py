@@ -1,13 +1,17 @@
-"""Keyframed prompt schedules and weight-free ControlNet hints (streamv2v_core/stream/prompt_schedule.py,
-media/hints.py)."""
+"""Keyframed prompt schedules, what a prompt's text may hold, and weight-free ControlNet hints
+(streamv2v_core/stream/prompt_schedule.py, prompt_text.py, media/hints.py)."""
+import random
+import re
+
 import cv2
 import numpy as np
 import pytest
 import torch
 
 from streamv2v.streamv2v_core.media import hints
-from streamv2v.streamv2v_core.stream.prompt_schedule import (Keyframe, blend_entry, blend_position, lerp_tokens,
-                                                      parse_schedule)
+from streamv2v.streamv2v_core.stream.prompt_schedule import (Keyframe, blend_entry, blend_position, common_length,
+                                                             lerp_tokens, parse_schedule)
+from streamv2v.streamv2v_core.stream.prompt_text import check_prompt, prompt_weights
 
 
 def test_schedule_formats():
@@ -92,3 +96,61 @@ def test_frame_and_previous_output_hints():
     previous.saw(out)
     assert torch.equal(previous(frame)[0], out)
     assert torch.equal(previous(torch.zeros(8, 8, 3))[0], torch.zeros(8, 8, 3))  # another size: the frame itself
+
+
+@pytest.mark.parametrize("text, message", [
+    ('"0": "a photo" junk', "line 1: 'junk' after the quoted prompt is not understood"),
+    ("0: a\n" + "9" * 5001 + ": b", "line 2: the frame number has 5001 digits, past the last possible frame"),
+    ('0: a photo" junk', "line 1: the prompt 'a photo\" junk' holds a quote but is not quoted"),
+    ('"0": "a photo', "line 1: the quoted prompt '\"a photo' is not closed"),
+    ("0: a\n10: abc \ud800 def", "line 2 holds a character no text encoder can take (a lone surrogate U+D800"),
+    ("0: a\x07b", "line 1 holds the control character U+0007"),
+    ("0: a\n4: (a photo:nan)", "line 2: the weight of '(a photo:nan)' is nan"),
+    ("0: (a photo:1e308)", "line 1: the weight of '(a photo:1e308)' is 1e+308"),
+    ("0: " + "(" * 40 + "a" + ":1)" * 40, "line 1: parentheses nest more than 32 deep"),  # ComfyUI: recursion
+    ("0: " + "(" * 25 + "a" + ")" * 25, "line 1: the weight of '(a)' is 10.83"),  # 1.1 ** 25
+])
+def test_schedule_refuses_what_it_does_not_fully_understand(text, message):
+    """Junk after a quoted prompt, a frame number of thousands of digits, stray or unclosed quotes, text no text
+    encoder can take, weights that are not finite or bounded: each refused, naming the line (before any work)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_schedule(text)
+
+
+def test_prompt_weights_are_read_as_comfyui_reads_them():
+    """The weights prompt_text finds are those ComfyUI's tokenizer applies (comfy/sd1_clip.py token_weights), on
+    ComfyUI's own examples and on random texts of parentheses, colons, numbers and escapes."""
+    from comfy.sd1_clip import escape_important, token_weights
+
+    def comfy_weights(text):
+        return {w for _, w in token_weights(escape_important(text), 1.0)} - {1.0}
+
+    examples = ["(foo)", "(foo)(bar)", "(foo:2.0)", "((foo))", "((foo):1.1)", "((foo:1.1))", "(foo:0.0)",
+                "foo ((((lol (cat:666) attack:100)))) baz", "a \\(b:3\\) c", "x) (y:2", "(a:2) b) (c:3)", "(:5)"]
+    rng = random.Random(0)
+    alphabet = ["(", ")", ":", "1.5", "2", "a", " ", "\\(", "\\)", "0.5", ":3"]
+    examples += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(2000)]
+    for text in examples:
+        ours = {w for w, _ in prompt_weights(text)}
+        assert comfy_weights(text) <= ours, text
+    assert [w for w, _ in prompt_weights("foo ((((lol (cat:666) attack:100)))) baz")] == \
+        pytest.approx([1.1, 1.21, 1.331, 100.0, 666.0])
+    assert check_prompt("  (watercolor:1.2), ((soft)) light\n", "prompt", 100) == "(watercolor:1.2), ((soft)) light"
+
+
+def test_a_blend_costs_at_most_four_times_the_longer_prompt():
+    """Lengths whose least common multiple is within 4x the shorter are repeated to it (exact for attention, as
+    ComfyUI batches them); beyond, the shorter is tiled to the longer: 160 and 159 chunks blend at 160 chunks
+    (their common multiple would be 25,440 chunks)."""
+    chunk = 77
+    assert common_length(chunk, 2 * chunk) == 2 * chunk
+    assert common_length(3 * chunk, 4 * chunk) == 12 * chunk  # 4x the shorter: still exact
+    assert common_length(5 * chunk, 7 * chunk) == 7 * chunk   # 35 chunks would be 7x the shorter
+    assert common_length(160 * chunk, 159 * chunk) == 160 * chunk
+    for a, b in ((1, 160), (159, 160), (2, 3), (7, 1)):
+        assert max(a, b) * chunk <= common_length(a * chunk, b * chunk) <= 4 * max(a, b) * chunk
+    long = torch.arange(160.0).repeat_interleave(chunk).view(1, -1, 1)   # chunk i holds the value i
+    shorter = torch.arange(159.0).repeat_interleave(chunk).view(1, -1, 1)
+    mixed = lerp_tokens(long, shorter, 1.0)
+    assert mixed.shape == (1, 160 * chunk, 1)
+    assert torch.equal(mixed[0, :159 * chunk], shorter[0]) and torch.equal(mixed[0, 159 * chunk:], shorter[0, :chunk])

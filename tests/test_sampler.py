@@ -1,5 +1,6 @@
 """StreamV2VSampler and the stream engine with ComfyUI's real model, guider and VAE (in-process, CPU)."""
 import copy
+import re
 
 import pytest
 import torch
@@ -400,3 +401,45 @@ def test_after_core_controlnet_apply(parts):
     torch.testing.assert_close(stream, sequential, rtol=0, atol=1e-4)
     plain = run(parts, frames, model=bank_model)
     assert not torch.allclose(stream, plain, atol=1e-3), "the ControlNet changed nothing"
+
+
+def spoiling(model, calls):
+    """A clone of ``model`` whose UNet input is NaN in the model calls numbered ``calls`` (a broken model, an fp16
+    overflow, a NaN prompt weight: what a running show must survive)."""
+    seen = []
+
+    def spoil(executor, x, *args, **kwargs):
+        seen.append(len(seen))
+        return executor(x * float("nan") if len(seen) - 1 in calls else x, *args, **kwargs)
+
+    clone = model.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.spoil", spoil)
+    return clone
+
+
+def test_frames_that_come_out_not_finite_are_held_reported_and_never_poison_the_bank(parts):
+    """NaN in two model calls of a banked stream: those outputs are the last good frame (flagged and counted), the
+    bank forgets what they wrote, and every later frame is finite and follows the video again (before: black from
+    the first NaN on, the bank poisoned for good)."""
+    model, handle = patched(parts, "nan_bank", interval=1)
+    _, vae, pos, neg = parts
+    images, outs = moving_frames(12), []
+    settings = StreamSettings(seed=1, steps=2, strength=0.5)
+    with torch.inference_mode():
+        report = run_stream(spoiling(model, {4, 5}), pos, neg, vae, iter(images), settings, outs.append)
+    assert [o.index for o in outs] == list(range(12)) and all(torch.isfinite(o.image).all() for o in outs)
+    held = [o.index for o in outs if o.held]
+    assert held and report.held == len(held) and report.held_inputs == held and max(held) < 8
+    for o in outs:
+        if o.held:
+            assert torch.equal(o.image, outs[min(held) - 1].image)  # the last good frame, shown again
+    tail = [o.image for o in outs[max(held) + 1:]]
+    assert len(tail) >= 3 and all((a - b).abs().max() > 1e-3 for a, b in zip(tail, tail[1:]))  # moving again
+    assert handle.bank.last_reset_reason == f"input {max(held)} came out not finite (NaN/inf): its features were dropped"
+
+
+def test_the_sampler_refuses_to_pass_on_frames_that_are_not_finite(parts):
+    _, vae, pos, neg = parts
+    with pytest.raises(ValueError, match=re.escape("StreamV2V Sampler: 2 of 6 frames came out not finite (NaN or inf; "
+                                                   "frames 1, 2), so none are passed on")):
+        run(parts, moving_frames(6), model=spoiling(parts[0], {2}), steps=2)

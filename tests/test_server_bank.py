@@ -64,8 +64,8 @@ def tensors_of(server, entry):
 
 def http(server, method, path, body=None):
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(server.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
+    request = urllib.request.Request(server.url + path, data=data, method=method,  # state changes take only JSON
+                                     headers={"Content-Type": "application/json"} if method == "POST" else {})
     with urllib.request.urlopen(request, timeout=30) as response:
         raw = response.read()
     return json.loads(raw) if raw else None

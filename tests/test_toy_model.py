@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import pathlib
 
 import pytest
@@ -115,3 +116,31 @@ def test_demo_runs_a_checkpoint_file_with_a_lora(tmp_path, capsys):
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert [m["frames"] for m in metrics] == [5, 5]
     assert (tmp_path / "demo" / "side_by_side.mp4").stat().st_size > 0
+
+
+def test_checkpoint_metadata_cannot_make_the_demo_allocate_more_than_the_file_holds(tmp_path):
+    """A checkpoint whose metadata declares a text encoder 100,000 wide (about 20 GB to build) is refused before
+    anything is built, naming the file and what its weights hold; so is metadata with other keys or types."""
+    import resource
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from streamv2v.nodes.toy_model import CLIP_CONFIG_KEY
+
+    checkpoint = tmp_path / "toy_checkpoint.safetensors"
+    save_as_checkpoint(checkpoint)
+    with safe_open(str(checkpoint), "pt") as opened:
+        metadata = opened.metadata()
+    weights = load_file(str(checkpoint))
+    demo = _script("demo")
+    args = demo.parse_args(["--checkpoint", str(tmp_path / "wide.safetensors")])
+    for config, message in (({"hidden_size": 100_000}, "hidden_size 100000 (the weights hold 32)"),
+                            ({"vocab_size": 10**9}, "must be a JSON object of the whole numbers"),
+                            ({"num_hidden_layers": 2.0}, "must be a JSON object of the whole numbers")):
+        declared = {**json.loads(metadata[CLIP_CONFIG_KEY]), **config}
+        save_file(weights, str(tmp_path / "wide.safetensors"), metadata={CLIP_CONFIG_KEY: json.dumps(declared)})
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with pytest.raises(ValueError, match=re.escape(message)):
+            demo.load_models(args)
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200 * 1024  # KiB: nothing large built

@@ -65,7 +65,10 @@ def get_json(url):
 
 
 def post(url, data=b""):
-    with urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST"), timeout=10) as response:
+    headers = {"Content-Type": "image/jpeg", "X-StreamV2V-Client": "1"} if url.endswith("/frame") else \
+        {"Content-Type": "application/json"}  # what the pack's state-changing routes take
+    with urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST", headers=headers),
+                                timeout=10) as response:
         return json.loads(response.read() or b"null")
 
 

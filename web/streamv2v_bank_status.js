@@ -64,9 +64,12 @@ class StatusLine {
   async clear() {
     const name = encodeURIComponent(bankName(this.node));
     try {
-      const response = await api.fetchApi(`/streamv2v/banks/${name}/clear`, { method: "POST" });
+      // A JSON body: the server takes state changes only with it (a page of another site cannot send one unasked).
+      const response = await api.fetchApi(`/streamv2v/banks/${name}/clear`, {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" });
       if (response.ok) this.show((await response.json()).status);
-      else this.text.textContent = "nothing to clear yet (the bank is made on the first run)";
+      else if (response.status === 404) this.text.textContent = "nothing to clear yet (the bank is made on the first run)";
+      else this.text.textContent = `could not clear: ${(await response.json().catch(() => ({}))).error ?? response.status}`;
     } catch (error) {
       this.text.textContent = `could not clear: ${error.message}`;
     }

@@ -111,11 +111,15 @@ export class LiveControls {
     }
     if (!state.running) return;
     this.fill(state.current || {});
+    // The log holds applied changes and problems (a prompt the loop could not encode, a frame that came out
+    // not finite): the newest one is shown, problems in red.
     const newest = state.log?.[state.log.length - 1];
-    if (newest && state.changes !== this.changesSeen) {
-      this.changesSeen = state.changes;
-      this.note.textContent = `applied at frame ${newest.frame}: ${newest.change}`;
-      this.note.style.color = "";
+    const seen = `${state.changes}/${state.problems}`;
+    if (newest && seen !== this.changesSeen) {
+      this.changesSeen = seen;
+      this.note.textContent = newest.problem ? `frame ${newest.frame}: ${newest.problem}`
+        : `applied at frame ${newest.frame}: ${newest.change}`;
+      this.note.style.color = newest.problem ? "#ff8a80" : "";
     }
   }
 

@@ -360,7 +360,8 @@ export class WebcamPanel {
     this.socket = null;
     socket?.close();
     try {
-      await api.fetchApi(`/streamv2v/loop/${this.session}/stop`, { method: "POST" });
+      await api.fetchApi(`/streamv2v/loop/${this.session}/stop`, {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" });
       this.say("stopped");
     } catch (error) {
       this.say(`stop failed: ${error.message}`);

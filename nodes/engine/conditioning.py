@@ -169,9 +169,15 @@ class RunConditioning:
 
     # -- a call ---------------------------------------------------------------------------
     def group_keys(self, rows: list[FrameRows], steps: list[int]) -> list[Hashable]:
-        """Per row what must be equal within one call: active ControlNets and cond ranges, strength, alpha, guidance."""
-        return [(self._active(self._sigma(row, step)), row.control_scale, row.fusion_alpha, row.cfg, row.residual_delta)
-                for row, step in zip(rows, steps)]
+        """Per row what must be equal within one call: active ControlNets and cond ranges, strength, alpha, guidance,
+        and the shape of each conditioning row (frames whose prompts have other token counts, e.g. 77 and 154
+        after a live change, are called apart, as ComfyUI runs conds it cannot concatenate; host shapes only)."""
+        return [(self._active(self._sigma(row, step)), row.control_scale, row.fusion_alpha, row.cfg, row.residual_delta,
+                 self._shapes(row)) for row, step in zip(rows, steps)]
+
+    def _shapes(self, row: FrameRows) -> tuple:
+        return tuple(tuple((row.refs.get(key) or RowRef(tensor, 0)).tensor.shape[1:])
+                     for key, tensor in self.keys.items())
 
     def groups(self, rows: list[FrameRows], steps: list[int]) -> list[tuple[int, int]]:
         return split_where_changed(self.group_keys(rows, steps))

@@ -46,7 +46,7 @@ from .frame_schedules import FrameSchedules
 from .model import stream_model, strength_sigmas
 from .settings import IN_FLIGHT, StreamSettings, check_stream_inputs
 from .signatures import stream_signature
-from .streams import Schedule, StreamState, banks_of, open_stream
+from .streams import Schedule, StreamState, banks_of, open_stream, reading
 
 log = logging.getLogger("streamv2v")
 
@@ -95,7 +95,7 @@ def run_stream(model, positive, negative, vae, frames: Iterable[Frame | torch.Te
     # Latents in float32 as ComfyUI keeps them, or float64 for a float64 model (exactness checks).
     zeros = torch.zeros(latent_shape, dtype=torch.float64 if model.model_dtype() == torch.float64 else torch.float32)
     try:
-        with torch.inference_mode():  # as ComfyUI's executor runs nodes; also for scripts calling the engine
+        with torch.inference_mode(), reading(banks):  # inference mode as ComfyUI's executor runs nodes
             guider.sample(zeros, zeros, run.sampler(itertools.chain([first], source), size), run.schedule.sigmas,
                           seed=settings.seed, disable_pbar=True)
     finally:
@@ -146,11 +146,28 @@ class _Run:
         self.steps = len(schedule.sigma_values) - 1
         self.started = started
         self.report = RunReport()
+        self.held_last = False  # the last output came out not finite
 
     def _output(self, out: Output) -> None:
         if self.report.first_output_s is None:
             self.report.first_output_s = time.monotonic() - self.started
+        if out.held:
+            self._not_finite(out.index)
+        self.held_last = out.held
         self.on_output(out)
+
+    def _not_finite(self, index: int) -> None:
+        """Input ``index`` came out not finite: the features its frame wrote (and that frames in flight read
+        since) must not carry on, so the bank forgets them with its past (they cannot be unmerged)."""
+        report = self.report
+        report.held += 1
+        if len(report.held_inputs) < 10:
+            report.held_inputs.append(index)
+        for bank in self.banks:
+            bank.reset(f"input {index} came out not finite (NaN/inf): its features were dropped")
+        if not self.held_last:  # once per run of such frames
+            log.warning("StreamV2V: input %d came out not finite (NaN/inf): the last good frame is shown instead%s",
+                        index, " and the bank cleared" if self.banks else "")
 
     def sampler(self, inputs, size):
         def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):

@@ -8,6 +8,7 @@ used again.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -64,6 +65,20 @@ def banks_of(model) -> list[FeatureBank]:
     """The feature banks the model's StreamV2V patches use, by name, each opened with its handle's settings."""
     handles = bank_handles(model)
     return [handles[name].open() for name in sorted(handles)]
+
+
+@contextlib.contextmanager
+def reading(banks: list[FeatureBank]):
+    """While a run reads ``banks``: the registry keeps them under their names (``/free`` and the least
+    recently used rule clear but never drop them, DELETE is refused), so a name keeps naming the bank the
+    running stream reads."""
+    for bank in banks:
+        bank.users += 1
+    try:
+        yield
+    finally:
+        for bank in banks:
+            bank.users -= 1
 
 
 def stream_of(model, node_key: str | None) -> StreamState | None:

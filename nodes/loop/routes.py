@@ -10,26 +10,31 @@ GET  /streamv2v/webcam/{session}/ws      WebSocket (what the node's "Start webca
                                 (newest first: a slow reader skips older ones)
                         text:   {"type": "status", "running", "frames_in", "taken", "replaced", "dropped",
                                  "frames_out", "idle_s"} twice a second
-POST /streamv2v/webcam/{session}/frame   body: one encoded image; optional header X-StreamV2V-Stamp
+POST /streamv2v/webcam/{session}/frame   body: one encoded image (Content-Type image/jpeg, png or webp, and
+                                         the header X-StreamV2V-Client); optional header X-StreamV2V-Stamp
                                          -> {"accepted", "running", "frames_in"} (frames are kept only
                                          while a loop runs the session; the newest wins)
 GET  /streamv2v/webcam/{session}/output  newest restyled frame as image/jpeg (204 while there is none);
                                          headers X-StreamV2V-Frames (count), X-StreamV2V-Stamp
-POST /streamv2v/loop/{session}/stop      ask the loop of that session to finish (it keeps its MP4)
+POST /streamv2v/loop/{session}/stop      ask the loop of that session to finish (it keeps its MP4); JSON
 GET  /streamv2v/loop/{session}/status    {"running", "stopped", "frames_in", "taken", "replaced", "dropped",
                                           "frames_out", "idle_s"}
 
 POST /streamv2v/loop/{session}/params   JSON object with any of prompt, blend_frames, control_strength,
                                         ff_alpha, clear_bank (streamv2v_core/live/params.py says the rules)
-     200 {"accepted": {...}, "pending": n}: applied to the next frame that enters the stream
-     400 {"error": ...}: a bad name, body or value; nothing changes
+     200 {"accepted": {...}, "pending": 1}: applied to the next frame that enters the stream (changes sent
+         before it are merged: the newest value of each field wins, a superseded prompt is counted)
+     400 {"error": ...}: a bad name, body (not JSON, nested too deeply) or value; nothing changes
      404 {"error": ...}: no loop runs that session (no route creates one)
-     413: a body over 64 KiB;  429: too many changes waiting for the next frame
-GET  /streamv2v/loop/{session}/params   {"running", "can", "current", "pending", "changes", "log", "presets"}
+     413: a body over 64 KiB
+GET  /streamv2v/loop/{session}/params   {"running", "can", "current", "pending", "changes", "superseded",
+                                         "discarded", "problems", "log", "presets"}
 POST/GET /streamv2v/loop/{session}/presets  the session's presets (preset_routes.py)
 
 Session names are checked (400 with the rule); no route creates a session, so requests to names
-no loop runs cost no memory.
+no loop runs cost no memory. Every route that changes state (frame, WebSocket, stop, params) takes
+only requests of the server's own pages or of HTTP clients with the right body type
+(``nodes/request_guard.py``: 403 / 415 otherwise).
 """
 from __future__ import annotations
 
@@ -39,11 +44,11 @@ import json
 import logging
 import struct
 import time
-from dataclasses import asdict
-
 from aiohttp import WSMsgType, web
 
+from ...streamv2v_core.live.params import read_json
 from ...streamv2v_core.live.session import SESSIONS, BrowserSession, check_session_name
+from ..request_guard import guarded
 
 log = logging.getLogger("streamv2v")
 MAX_FRAME_BYTES = 16 * 1024 * 1024
@@ -201,7 +206,7 @@ class _Link:
                 if session is not None:
                     session.offer(bytes(data[STAMP.size:]), stamp)
             elif message.type == WSMsgType.TEXT:
-                with contextlib.suppress(ValueError, AttributeError):
+                with contextlib.suppress(ValueError, AttributeError, RecursionError):  # junk text is ignored
                     if json.loads(message.data).get("type") == "stop":
                         session = SESSIONS.find(self.name)
                         if session is not None:
@@ -233,20 +238,13 @@ async def post_params(request: web.Request) -> web.Response:
     if session is None or not session.running:
         return _error(404, f"no loop is running on session {name!r}: queue the loop (or press Start) first")
     try:
-        body = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        return _error(400, f"the body is not JSON: {error}")
-    try:
-        change = session.params.offer(body)
+        change = session.params.offer(read_json(data))
     except LookupError as error:
         return _error(404, str(error))
-    except OverflowError as error:
-        return _error(429, str(error))
     except ValueError as error:
         return _error(400, str(error))
     log.info("StreamV2V session %r: live change requested: %s", name, change.describe())
-    return web.json_response({"accepted": {k: v for k, v in asdict(change).items() if v not in (None, False)},
-                              "pending": session.params.status()["pending"]})
+    return web.json_response({"accepted": change.fields(), "pending": session.params.status()["pending"]})
 
 
 async def get_params(request: web.Request) -> web.Response:
@@ -257,12 +255,12 @@ async def get_params(request: web.Request) -> web.Response:
 
 def add_loop_routes(routes: web.RouteTableDef) -> None:
     """The loop's routes (webcam link, stop, status, live params) on ComfyUI's route table."""
-    routes.get("/streamv2v/webcam/{session}/ws")(webcam_socket)
-    routes.post("/streamv2v/webcam/{session}/frame")(post_frame)
+    routes.get("/streamv2v/webcam/{session}/ws")(guarded("none")(webcam_socket))  # frames in, stop: guarded
+    routes.post("/streamv2v/webcam/{session}/frame")(guarded("image")(post_frame))
     routes.get("/streamv2v/webcam/{session}/output")(get_output)
-    routes.post("/streamv2v/loop/{session}/stop")(post_stop)
+    routes.post("/streamv2v/loop/{session}/stop")(guarded("json")(post_stop))
     routes.get("/streamv2v/loop/{session}/status")(get_status)
-    routes.post("/streamv2v/loop/{session}/params")(post_params)
+    routes.post("/streamv2v/loop/{session}/params")(guarded("json")(post_params))
     routes.get("/streamv2v/loop/{session}/params")(get_params)
     from .preset_routes import add_preset_routes  # it builds on this module's helpers
 

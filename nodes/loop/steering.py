@@ -9,6 +9,10 @@ frame enters the stream, it returns that frame's ``FrameConditioning`` (or None:
 * applies live changes (``session.params``: prompt blended in over N frames, one CLIP encode per
   change; ControlNet strength; FF alpha; clearing the bank) to the frame entering when they arrive.
 
+Nothing a change carries ends the run: a prompt the text encoder still fails on (or that encodes to
+values that are not finite) leaves the prompt in effect as it was, and the panel and the report say so;
+an output that came out not finite is reported there too (the engine showed the last good frame).
+
 The run's own CONDITIONING and ControlNet objects are never changed: a frame's positive is a new list
 of new ``[tokens, dict]`` entries with the run's structure (same entries, same ControlNet chain), and
 the same list object is returned while the prompt does not change (the engine prepares a list once).
@@ -17,11 +21,13 @@ from __future__ import annotations
 
 import collections
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from comfy_api.latest import io
+
+import comfy.model_management
 
 from ...streamv2v_core.bank.patches import FeatureFusion
 from ...streamv2v_core.live.params import MAX_BLEND_FRAMES, Capabilities, Change
@@ -110,6 +116,10 @@ def check_choice(choice: SteeringChoice, can: Capabilities, hint_video=None) -> 
     return keyframes
 
 
+class PromptNotEncoded(ValueError):
+    """The text encoder failed on a text, or gave values that are not finite."""
+
+
 class PromptTrack:
     """The text part of each frame's positive: the run's own, a schedule, or a live prompt blended in.
 
@@ -124,16 +134,27 @@ class PromptTrack:
         self._live: tuple[list, list, int] | None = None  # (from entry, to entry, frame the blend starts)
         self._last_entry: list | None = None
         self._last_positive: list | None = None
+        self.problems: list[str] = []  # keyframes that could not be encoded (the steering reports and empties it)
 
     def encode(self, text: str) -> list:
-        """One CLIP encode (as core CLIPTextEncode): the first entry ``[tokens [1, T, C], options]``."""
+        """One CLIP encode (as core CLIPTextEncode): the first entry ``[tokens [1, T, C], options]``;
+        ``PromptNotEncoded`` if the encoder fails or its embedding is not finite (one host read per encode)."""
         self.encodes += 1
-        encoded = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
-        tokens, options = encoded[0][0], encoded[0][1]
-        return [tokens[:1], {k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in options.items()}]
+        try:
+            encoded = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
+            tokens, options = encoded[0][0], encoded[0][1]
+        except comfy.model_management.InterruptProcessingException:
+            raise
+        except Exception as error:  # whatever the tokenizer or encoder raise on a text, the show goes on
+            raise PromptNotEncoded(f"{type(error).__name__}: {str(error)[:200]}") from error
+        entry = [tokens[:1], {k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in options.items()}]
+        if not all(bool(torch.isfinite(t).all()) for t in (entry[0], *entry[1].values()) if torch.is_tensor(t)):
+            raise PromptNotEncoded("its embedding is not finite (NaN or inf)")
+        return entry
 
     def set_live(self, text: str, frame: int) -> None:
-        """From ``frame`` on, blend from what the last frame had to ``text`` over ``blend_frames`` frames."""
+        """From ``frame`` on, blend from what the last frame had to ``text`` over ``blend_frames`` frames
+        (``PromptNotEncoded``: nothing changes)."""
         self._live = (self._last_entry or self._own_entry(), self.encode(text), frame)
 
     def positive_for(self, frame: int) -> list | None:
@@ -159,7 +180,12 @@ class PromptTrack:
 
     def _keyframe(self, i: int) -> list:
         if i not in self._keyframe_cache:
-            self._keyframe_cache[i] = self.encode(self.keyframes[i].text)
+            try:
+                self._keyframe_cache[i] = self.encode(self.keyframes[i].text)
+            except PromptNotEncoded as error:  # kept as the prompt in effect before it, so tried once
+                self._keyframe_cache[i] = self._last_entry or self._own_entry()
+                self.problems.append(f"prompt schedule keyframe {self.keyframes[i].frame} not applied (the text "
+                                     f"encoder: {error}): the prompt before it is kept")
             while len(self._keyframe_cache) > KEYFRAME_CACHE:
                 self._keyframe_cache.popitem(last=False)
         self._keyframe_cache.move_to_end(i)
@@ -260,6 +286,8 @@ class FrameSteering:
         self.live_prompt: str | None = None
         self.frames = 0
         self.steered = False  # a live change set a strength: every later frame carries it
+        self.held = 0  # outputs that came out not finite (the engine showed the last good frame)
+        self._holding = False
         if session is not None:
             session.params.begin(self.can, self.current())
 
@@ -276,6 +304,9 @@ class FrameSteering:
         for change in self._changes(frame):
             self._apply(change, frame)
         positive, hint = self.prompt.positive_for(frame), self.hints(entering.image)
+        for problem in self.prompt.problems:
+            self._problem(frame, problem)
+        self.prompt.problems.clear()
         negative = self.negative.positive_for(frame) if self.negative is not None else None
         s = self.sampling
         seed = s.seed_for(frame)
@@ -297,15 +328,21 @@ class FrameSteering:
             if self.negative is not None:
                 self.negative.blend_frames = change.blend_frames
         if change.prompt is not None:
-            self.live_prompt = change.prompt
-            self.prompt.set_live(change.prompt, frame)
+            if self._set_text(self.prompt, change.prompt, frame, "prompt", self.live_prompt):
+                self.live_prompt = change.prompt
+            else:
+                change = replace(change, prompt=None)
+        if change.negative_prompt is not None and self.negative is not None:
+            if self._set_text(self.negative, change.negative_prompt, frame, "negative prompt", self.live_negative):
+                self.live_negative = change.negative_prompt
+            else:
+                change = replace(change, negative_prompt=None)
+        if not change.fields():
+            return
         if change.control_strength is not None:
             self.control_scale, self.steered = change.control_strength, True
         if change.ff_alpha is not None:
             self.fusion_alpha, self.steered = change.ff_alpha, True
-        if change.negative_prompt is not None and self.negative is not None:
-            self.live_negative = change.negative_prompt
-            self.negative.set_live(change.negative_prompt, frame)
         self.sampling.apply(change, frame, self.prompt.blend_frames, self.run_seed)
         if self.recorder is not None:
             self.recorder.change(frame, change)
@@ -315,9 +352,33 @@ class FrameSteering:
         log.info("StreamV2V session %r, frame %d: %s", self.session.name, frame, change.describe())
         self.session.params.applied(frame, change, self.current())
 
+    def _set_text(self, track: PromptTrack, text: str, frame: int, label: str, now: str | None) -> bool:
+        """Blend ``track`` to ``text`` from ``frame`` on; False (said in the panel and the report) when the text
+        encoder still fails on it: the text in effect stays."""
+        try:
+            track.set_live(text, frame)
+        except PromptNotEncoded as error:
+            kept = repr(now) if now is not None else "the run's own"
+            self._problem(frame, f"{label} {text[:60]!r} not applied (the text encoder: {error}): the {label} "
+                                 f"stays {kept}")
+            return False
+        return True
+
+    def _problem(self, frame: int, text: str) -> None:
+        log.warning("StreamV2V loop, frame %d: %s", frame, text)
+        if self.session is not None:
+            self.session.params.problem(frame, text)
+
     def watch(self, on_output: Callable[[Output], None]) -> Callable[[Output], None]:
-        """``on_output(Output)`` that also shows each finished frame to the previous-output hint."""
+        """``on_output(Output)`` that also shows each finished frame to the previous-output hint, and tells the
+        panel when outputs start coming out not finite."""
         def put(out: Output) -> None:
+            if out.held:
+                self.held += 1
+                if not self._holding and self.session is not None:
+                    self.session.params.problem(out.index, "the frame came out not finite (NaN/inf): the last good "
+                                                           "frame is shown and the bank was cleared")
+            self._holding = out.held
             self.hints.saw_output(out.image)
             on_output(out)
         return put
@@ -331,12 +392,29 @@ class FrameSteering:
         if self.hints.ended_at is not None:
             lines.append(f"WARNING: the hint video ended after {self.hints.ended_at} frames; its last frame "
                          f"was held")
-        params = self.session.params.status() if self.session is not None else {"changes": 0, "log": []}
-        if params["changes"]:
-            shown = "; ".join(f"frame {e['frame']}: {e['change']}" for e in params["log"][-10:])
-            lines.append(f"{params['changes']} live changes ({shown})")
+        if self.held:
+            lines.append(f"WARNING: {self.held} frames came out not finite (NaN/inf): each was replaced by the "
+                         f"last good frame and the bank cleared")
+        lines += self._params_report()
         if self.prompt.encodes:
             lines.append(f"{self.prompt.encodes} CLIP encodes")
+        return lines
+
+    def _params_report(self) -> list[str]:
+        if self.session is None:
+            return []
+        params, lines = self.session.params.status(), []
+        applied = [e for e in params["log"] if "change" in e]
+        if params["changes"]:
+            shown = "; ".join(f"frame {e['frame']}: {e['change']}" for e in applied[-10:])
+            lines.append(f"{params['changes']} live changes ({shown})")
+        if params["superseded"]:
+            lines.append(f"{params['superseded']} live prompts superseded by a newer one before any frame used them")
+        problems = [e for e in params["log"] if "problem" in e]
+        if problems:
+            shown = "; ".join(f"frame {e['frame']}: {e['problem']}" if e["frame"] is not None else e["problem"]
+                              for e in problems[-5:])
+            lines.append(f"WARNING: {params['problems'] + params['discarded']} live problems ({shown})")
         return lines
 
     def close(self) -> None:

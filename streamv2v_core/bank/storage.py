@@ -116,6 +116,7 @@ class FeatureBank:
         self.frames_seen = 0
         self.last_reset_reason = "created"
         self.generation = next(_GENERATIONS)  # new at every clear, unique across banks: a stream on it ended
+        self.users = 0  # streams running on it now: the registry keeps it registered meanwhile (see BankRegistry)
         self._groups: dict[str, dict[tuple[int, int], _Group]] = {}  # name -> (T, C) -> group
         self._layer_group: dict[str, dict] = {}  # name -> layer -> (T, C)
         self._counts: dict[tuple, int] = {}  # (name, flag, step) -> frames held
@@ -419,12 +420,14 @@ def check_bank_name(name: str) -> str:
 class BankRegistry:
     """Named banks that outlive one prompt execution, at most ``limit`` (least recently used dropped).
 
-    Built on ``registry.Registry``; ``free()`` resets and forgets every bank.
+    Built on ``registry.Registry``; ``free()`` resets every bank and forgets those no stream runs on. A bank
+    a running stream reads (``users``) is never dropped or forgotten, so its name keeps naming the bank that
+    stream reads: clearing it by name (route, panel) clears what the running loop sees.
     """
 
     def __init__(self, limit: int = MAX_BANKS, register: bool = False):
-        # A dropped bank is not reset: a stream still running on it keeps its object until it ends.
-        self._banks: Registry[FeatureBank] = Registry("feature bank", limit, "lru", register=register)
+        self._banks: Registry[FeatureBank] = Registry("feature bank", limit, "lru", busy=lambda bank: bank.users > 0,
+                                                      hint="Stop a running loop first.", register=register)
 
     def get(self, name: str, config: BankConfig | None = None) -> FeatureBank:
         """The bank called ``name``, created on first use; a new ``config`` resets it (with the reason)."""
@@ -448,7 +451,7 @@ class BankRegistry:
         return self._banks.remove(name)
 
     def free(self, reason: str) -> int:
-        """Forget every bank, logging ``reason``; returns the bytes they held."""
+        """Clear every bank (logging ``reason``) and forget those no stream runs on; returns the bytes they held."""
         with self._banks.lock:
             banks = self._banks.values()
             self._banks.clear_all()

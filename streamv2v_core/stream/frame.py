@@ -8,7 +8,7 @@ output itself. Pure data: no ComfyUI import.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -39,13 +39,16 @@ class Output:
 
     image: ``[H, W, 3]`` on the host. source: the frame whose pixels the image holds (itself,
     an earlier frame while frames in flight fill the pipeline, or the frame whose output a
-    skipped input reuses). reused: the similarity filter skipped this input.
+    skipped input reuses). reused: the similarity filter skipped this input. held: the frame
+    came out not finite (NaN or inf: a broken model, an fp16 overflow): ``image`` is the last
+    finite output instead (mid-grey before the first one).
     """
 
     index: int
     image: torch.Tensor
     source: Frame
     reused: bool = False
+    held: bool = False
 
 
 @dataclass
@@ -57,6 +60,8 @@ class RunReport:
     reused: int = 0                       # inputs the similarity filter answered with an earlier output
     seconds: float = 0.0                  # wall time of the run
     first_output_s: float | None = None   # from the run's start to its first output (includes any warm-up)
+    held: int = 0                         # outputs that came out not finite (each replaced by the last good one)
+    held_inputs: list[int] = field(default_factory=list)  # the first few of their input indices
 
     def fps(self) -> float:
         """Outputs per second over the run (0 when it took no time)."""

@@ -22,12 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
+from .prompt_text import check_prompt
+
 MAX_KEYFRAMES = 256        # a schedule is typed by hand; more is a mistake (or an attack on the server)
 MAX_PROMPT_CHARS = 4000    # per keyframe
 MAX_FRAME = 100_000_000    # as the loop's max_frames
-# a quoted prompt may be followed by another entry on the same line; an unquoted one runs to the line's end
-# (prompts hold commas: "watercolor, soft light")
-_ENTRY = re.compile(r'\s*"?\s*(\d+)\s*"?\s*:\s*(?:("(?:[^"\\]|\\.)*")\s*(?:,|$)|(.*)$)')
+MAX_REPEAT = 4             # a blend repeats prompts to a common length only up to this (as ComfyUI's sampler)
+FORMAT = "'frame: prompt' (e.g. '0: watercolor' then '120: oil painting' on the next line)"
+_FRAME = re.compile(r'\s*(?:"([0-9]+)"|([0-9]+))\s*:\s*')     # 12: or "12":
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"\s*')               # "a \"quoted\" prompt"
 
 
 @dataclass(frozen=True)
@@ -41,32 +44,53 @@ class Keyframe:
 def parse_schedule(text: str) -> list[Keyframe]:
     """Keyframes of a schedule, sorted by frame; ``[]`` for blank text.
 
-    ValueError naming the line at fault for anything that is not ``frame: prompt``, a frame
-    given twice, an empty prompt, or more than ``MAX_KEYFRAMES`` keyframes.
+    ValueError naming the line at fault for anything that is not ``frame: prompt`` (text left
+    after a quoted prompt, an unclosed quote, a frame number past ``MAX_FRAME``), a frame given
+    twice, an empty prompt, a prompt no text encoder can take (``prompt_text.check_prompt``), or
+    more than ``MAX_KEYFRAMES`` keyframes.
     """
     found: dict[int, str] = {}
     for number, line in enumerate(str(text).splitlines(), 1):
-        position = 0
         # FizzNodes' text is often pasted with its JSON-like braces
         line = line.strip().removeprefix("{").removesuffix("}").strip().rstrip(",").strip()
-        if not line:
-            continue
-        while position < len(line):
-            match = _ENTRY.match(line, position)
-            if match is None or match.end() == position:
-                raise ValueError(f"prompt schedule line {number}: {line[:60]!r} is not 'frame: prompt' "
-                                 f"(e.g. '0: watercolor' then '120: oil painting' on the next line)")
-            prompt = _unquote(match.group(2)) if match.group(2) is not None else match.group(3).strip()
-            _add(found, int(match.group(1)), prompt, number)
-            position = match.end()
+        for frame, prompt in _entries(line, number):
+            _add(found, frame, prompt, number)
     return [Keyframe(frame, found[frame]) for frame in sorted(found)]
 
 
-def _unquote(value: str) -> str:
-    value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        value = re.sub(r"\\(.)", r"\1", value[1:-1])
-    return value.strip()
+def _entries(line: str, number: int):
+    """(frame, prompt) of each entry of one line: ``12: text`` (to the line's end) or quoted
+    ``"12": "text"`` entries separated by commas."""
+    position = 0
+    while position < len(line):
+        head = _FRAME.match(line, position)
+        if head is None:
+            raise ValueError(f"prompt schedule line {number}: {line[position:position + 60]!r} is not {FORMAT}")
+        frame, position = _frame_number(head.group(1) or head.group(2), number), head.end()
+        if not line.startswith('"', position):
+            prompt = line[position:].strip()
+            if '"' in prompt:
+                raise ValueError(f"prompt schedule line {number}: the prompt {prompt[:60]!r} holds a quote but is "
+                                 f"not quoted: quote the whole prompt (\\\" inside it) or remove the quote")
+            yield frame, prompt
+            return
+        quoted = _QUOTED.match(line, position)
+        if quoted is None:
+            raise ValueError(f"prompt schedule line {number}: the quoted prompt {line[position:position + 60]!r} "
+                             f"is not closed")
+        yield frame, re.sub(r'\\(["\\])', r"\1", quoted.group(1)).strip()
+        position = quoted.end()
+        if position < len(line) and line[position] != ",":
+            raise ValueError(f"prompt schedule line {number}: {line[position:position + 60]!r} after the quoted "
+                             f"prompt is not understood: put each entry on its own line or separate them with ','")
+        position += 1
+
+
+def _frame_number(digits: str, line: int) -> int:
+    if len(digits.lstrip("0")) > len(str(MAX_FRAME)):  # before int(): thousands of digits cost time
+        raise ValueError(f"prompt schedule line {line}: the frame number has {len(digits)} digits, past the last "
+                         f"possible frame ({MAX_FRAME})")
+    return int(digits)
 
 
 def _add(found: dict[int, str], frame: int, prompt: str, line: int) -> None:
@@ -76,12 +100,9 @@ def _add(found: dict[int, str], frame: int, prompt: str, line: int) -> None:
         raise ValueError(f"prompt schedule line {line}: frame {frame} is given twice (one prompt per keyframe)")
     if not prompt:
         raise ValueError(f"prompt schedule line {line}: frame {frame} has no prompt")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"prompt schedule line {line}: the prompt has {len(prompt)} characters "
-                         f"(at most {MAX_PROMPT_CHARS})")
-    if len(found) >= MAX_KEYFRAMES:
+    found[frame] = check_prompt(prompt, f"prompt schedule line {line}", MAX_PROMPT_CHARS)
+    if len(found) > MAX_KEYFRAMES:
         raise ValueError(f"prompt schedule: more than {MAX_KEYFRAMES} keyframes")
-    found[frame] = prompt
 
 
 def blend_position(keyframes: list[Keyframe], frame: int) -> tuple[int, int, float]:
@@ -105,14 +126,37 @@ def blend_position(keyframes: list[Keyframe], frame: int) -> tuple[int, int, flo
 def lerp_tokens(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
     """``(1 - weight) * a + weight * b`` for text embeddings ``[1, Ta, C]`` and ``[1, Tb, C]``.
 
-    Prompts longer than 77 tokens give 154, 231, ... tokens. Different lengths are first repeated
-    to their least common multiple, as ComfyUI does when it batches them (``CONDCrossAttn.concat``):
-    repeating every token the same number of times leaves cross-attention unchanged.
+    Prompts longer than 77 tokens give 154, 231, ... tokens; two lengths are first brought to
+    one (``common_length``).
     """
     if a.shape[1] != b.shape[1]:
-        common = math.lcm(a.shape[1], b.shape[1])
-        a, b = a.repeat(1, common // a.shape[1], 1), b.repeat(1, common // b.shape[1], 1)
+        length = common_length(a.shape[1], b.shape[1])
+        a, b = _tiled(a, length), _tiled(b, length)
     return torch.lerp(a, b.to(a.dtype), float(weight))
+
+
+def common_length(a: int, b: int) -> int:
+    """The token count two prompts of ``a`` and ``b`` tokens are blended at: never more than ``MAX_REPEAT``
+    times the longer, so a blend costs at most that many times what the longer prompt costs, whatever the
+    two lengths.
+
+    Their least common multiple when it is at most ``MAX_REPEAT`` times the shorter (as ComfyUI's sampler
+    batches conds, ``CONDCrossAttn.can_concat``): each is repeated a whole number of times, which leaves
+    cross-attention exactly as it is. Beyond that (e.g. 160 and 159 chunks: 25,440 chunks), the longer
+    length: the shorter is tiled to it (whole 77-token chunks when both are whole chunks), so some of its
+    chunks count once more than others; nothing is zero-padded.
+    """
+    shorter, longer = sorted((a, b))
+    common = math.lcm(a, b)
+    return common if common <= MAX_REPEAT * shorter else longer
+
+
+def _tiled(tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """``tokens`` ``[1, T, C]`` repeated to ``[1, length, C]`` (cut after the last whole repeat)."""
+    count = tokens.shape[1]
+    if count == length:
+        return tokens
+    return tokens.repeat(1, -(-length // count), 1)[:, :length]
 
 
 def blend_entry(a: list, b: list, weight: float) -> list:

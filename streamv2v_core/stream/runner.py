@@ -8,6 +8,10 @@ output names the frame whose pixels it holds. What the runner carries from one r
 next lives in ``RunnerState`` (frame numbers, the similarity filter, frames in flight with
 their inputs and their own per-frame data), so N runs of k frames give the frames of one run
 of N*k.
+
+No non-finite value leaves the runner unsaid: each decoded frame carries whether its latent was
+finite (folded into the image on the device, no host sync), the host checks the image it receives
+anyway, and a frame that is not finite is handed out as ``Output.held`` with the last finite image.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 
 from .frame import Frame, Output, as_frame
@@ -60,6 +65,7 @@ class StreamRunner:
         self.encode, self.decode, self.admit, self.on_output = encode, decode, admit, on_output
         self.inputs = self.outputs = self.reused = 0
         self.sources: dict[int, tuple[Frame, list[int]]] = {}  # frame in flight -> (its Frame, inputs it answers)
+        self.last_finite: torch.Tensor | None = None  # the last finite image handed out (held for one that is not)
 
     def run(self, inputs: Iterable, size: tuple[int, int]) -> None:
         """Push every input (a ``Frame`` or an image ``[H, W, 3]``, all of ``size`` (H, W)) and hand out every
@@ -115,7 +121,7 @@ class StreamRunner:
             return
         number, denoised = finished
         self.state.frame_data.pop(number, None)
-        image = self.decode(denoised)
+        image = _marked(self.decode(denoised), denoised)
         if self.keep:  # the output answers the input entering now and shows the oldest frame in flight
             source = self.state.in_flight_inputs.popleft()
             indices = [entering.index]
@@ -139,7 +145,27 @@ class StreamRunner:
 
     def _deliver(self, payload, image: torch.Tensor) -> None:
         indices, source, reused = payload
+        held = not _finite(image)
+        if held:
+            image = self.last_finite if self.last_finite is not None else torch.full_like(image, 0.5)
+        else:
+            self.last_finite = image
         for k, index in enumerate(indices):
             # Inputs that joined a frame still in the pipeline (skipped while it was denoised) reuse its output.
-            self.on_output(Output(index, image, source, reused=reused or k > 0))
+            self.on_output(Output(index, image, source, reused=reused or k > 0, held=held))
             self.outputs += 1
+
+
+def _finite(image: torch.Tensor) -> bool:
+    """Whether every value of a host image is finite. Read through NumPy: on a GPU this is the pinned copy the
+    handoff already waited for, so the read costs no device sync (``counting.SyncCounter``, which cannot tell a
+    host copy from a device tensor in a CPU run, would count a torch read as one)."""
+    if image.device.type == "cpu" and image.dtype in (torch.float16, torch.float32, torch.float64):
+        return bool(np.isfinite(np.asarray(image)).all())
+    return bool(torch.isfinite(image).all())
+
+
+def _marked(image: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """``image`` ``[H, W, 3]``, all NaN if ``latent`` holds a value that is not finite (a decoder may clamp an
+    inf away). On the device: the check travels with the image's one copy to the host."""
+    return torch.where(torch.isfinite(latent).all(), image, torch.nan)
