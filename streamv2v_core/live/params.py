@@ -209,7 +209,8 @@ def _check_capabilities(change: Change, can: Capabilities) -> None:
 
 
 class LiveParams:
-    """A session's live steering: pending changes (from the route) and the applied log (from the loop)."""
+    """A session's live steering: pending changes (from the route), the applied log (from the loop) and the prompt
+    in effect on the newest frame out (from the sink)."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -219,6 +220,8 @@ class LiveParams:
         self.changes = 0  # applied, including those the log has forgotten
         self.current: dict = {}
         self.presets: list[dict | None] = []  # kept across runs: the workflow's snapshots (``set_presets``)
+        self.run_number = 0  # counts the loop runs on this session: a panel starts a new run from the server's values
+        self.in_effect: dict | None = None  # {"frame", "prompt"} of the newest frame out
 
     def begin(self, can: Capabilities, current: dict) -> None:
         """A loop starts on this session: forget the previous run's changes."""
@@ -227,6 +230,13 @@ class LiveParams:
             self._pending.clear()
             self.log.clear()
             self.changes = 0
+            self.run_number += 1
+            self.in_effect = None
+
+    def shown(self, frame: int, prompt: str) -> None:
+        """The frame ``frame`` that just left the stream was made with ``prompt`` (a text saying which)."""
+        with self._lock:
+            self.in_effect = {"frame": frame, "prompt": prompt}
 
     def end(self) -> None:
         with self._lock:
@@ -266,10 +276,12 @@ class LiveParams:
             self.current = dict(current)
 
     def status(self) -> dict:
-        """JSON-ready: running, current values, pending count, the applied log (newest last)."""
+        """JSON-ready: running, current values, pending count, the presets stored, the applied log (newest last), the
+        run's number and the prompt in effect on the newest frame out."""
         with self._lock:
             return {"running": self.capabilities is not None,
                     "can": asdict(self.capabilities) if self.capabilities else None,
                     "current": dict(self.current), "pending": len(self._pending), "changes": self.changes,
                     "presets": [number for number, p in enumerate(self.presets, 1) if p],
-                    "log": [{"frame": frame, "change": text} for frame, text in self.log]}
+                    "log": [{"frame": frame, "change": text} for frame, text in self.log],
+                    "run": self.run_number, "in_effect": dict(self.in_effect) if self.in_effect else None}
