@@ -108,9 +108,10 @@ def run_live_webcam(server, prompt):
     prompt_id = server.queue_prompt(prompt)
     frame = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (96, 128, 3), np.uint8))[1].tobytes()
     deadline, done = time.monotonic() + 120, 0
+    while time.monotonic() < deadline and not get_json(f"{base}/loop/{session}/status")["running"]:
+        time.sleep(0.1)  # this prompt's loop (the status shows the last take's counts until it starts)
     while time.monotonic() < deadline and done < 3:
-        if get_json(f"{base}/loop/{session}/status")["running"]:
-            post(f"{base}/webcam/{session}/frame", frame)
+        post(f"{base}/webcam/{session}/frame", frame)
         time.sleep(0.1)
         done = get_json(f"{base}/loop/{session}/status")["frames_out"]
     assert done >= 3, server.log_tail()
