@@ -9,6 +9,9 @@
   ``streamv2v_core`` with its own state, and its ``nodes/`` would shadow ComfyUI's nodes.py).
 - Test helpers: ``from host import tiny_models``, ``from host.server import ComfyServer``.
 - Fixture ``comfy_server`` (session): a headless ComfyUI with the pack and the test nodes.
+- Fixture ``frontend_server`` (parametrized): ``comfy_server`` (the frontend 0.3.75 pins) and a second server
+  serving the newest ``comfyui-frontend-package`` (``NEWEST_FRONTEND``, installed into .cache by
+  scripts/setup_host.sh; skipped without it), for the browser tests that matter on both.
 """
 import pathlib
 import sys
@@ -20,6 +23,9 @@ sys.path.insert(0, str(TESTS_DIR))
 from host.inprocess import comfy_path, setup_host  # noqa: E402
 
 COMFY_PATH = comfy_path()
+NEWEST_FRONTEND_VERSION = "1.58.1"
+NEWEST_FRONTEND = (TESTS_DIR.parent / ".cache" / f"frontend-{NEWEST_FRONTEND_VERSION}" / "comfyui_frontend_package"
+                   / "static")
 try:
     # One torch thread: the tiny test models gain nothing from more, and on a shared 2-core machine
     # OpenMP threads that spin for a busy core make every kernel up to ~70x slower.
@@ -41,3 +47,22 @@ def comfy_server():
 
     with ComfyServer(comfy_path=COMFY_PATH) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def comfy_server_newest_frontend():
+    """The same server, serving the newest frontend (``--front-end-root``): started once, when first asked for."""
+    from host.server import ComfyServer
+
+    if not (NEWEST_FRONTEND / "index.html").exists():
+        pytest.skip(f"frontend {NEWEST_FRONTEND_VERSION} not installed at {NEWEST_FRONTEND} (bash scripts/setup_host.sh)")
+    with ComfyServer(comfy_path=COMFY_PATH, extra_args=["--front-end-root", str(NEWEST_FRONTEND)]) as srv:
+        yield srv
+
+
+@pytest.fixture(params=["frontend-pinned", f"frontend-{NEWEST_FRONTEND_VERSION}"])
+def frontend_server(request):
+    """The server a browser test opens: once with ComfyUI 0.3.75's pinned frontend, once with the newest one."""
+    if request.param == "frontend-pinned":
+        return request.getfixturevalue("comfy_server")
+    return request.getfixturevalue("comfy_server_newest_frontend")

@@ -2,8 +2,8 @@
 a take (camera + queued workflow: tiny checkpoint, canny ControlNet, feature bank, CLIP on the loop), a prompt typed in
 the panel reaches the running loop at the next frame (no frame dropped, the bank never cleared, the loop never
 restarted, one CLIP encode), the pop-out window gets
-the frames too, one click stops it (camera off, MP4 complete), and after a page reload the panel joins
-the still-running loop and shows its frames with a positive latency measured on the new page's clock.
+the stage page the panel's Pop out opens gets the frames too, one click stops it (camera off, MP4 complete).
+A reload mid-take, the stage in a second tab, idle_timeout and refusals: tests/test_stage_browser.py.
 
 STREAMV2V_UPDATE_SCREENSHOTS=1 also writes docs/live_panel.png (the panel while streaming). Needs Debian's chromium.
 """
@@ -14,11 +14,11 @@ import pathlib
 import shutil
 import urllib.request
 
-import av
 import pytest
 
 from host.browser import SKIP_REASON, Chromium, available
-from host.webcam import FAKE_CAMERA, READY
+from host.clips import read_back
+from host.webcam import FAKE_CAMERA, wait_ready
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 UPDATE = bool(os.environ.get("STREAMV2V_UPDATE_SCREENSHOTS"))
@@ -110,29 +110,16 @@ def test_performer_panel_take_live_prompt_and_reload(comfy_server, tmp_path):
         figures = asyncio.run(_take(comfy_server, chrome, tmp_path))
     print(f"\nlive prompt change: sent while frame {figures['taken_at_send']} was the newest taken, applied at frame "
           f"{figures['applied_at']} (blend {BLEND} frames); {figures['frames']} frames written, none dropped; "
-          f"after reload: {figures['reload_shown']} frames shown, latency {figures['reload_latency']:.0f} ms")
-
-
-async def _wait_ready(cdp, expression=READY, timeout=120.0):
-    """Wait for the page, also while it is still navigating (an evaluate then fails: try again)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            return await cdp.wait_for(expression, timeout=max(1.0, deadline - asyncio.get_running_loop().time()))
-        except RuntimeError as error:  # "Inspected target navigated or closed"
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            print(f"page not ready yet ({error}); waiting")
-            await asyncio.sleep(1.0)
+          f"the stage page (Pop out) drew {figures['stage_frames']} frames")
 
 
 async def _take(server, chrome, tmp_path) -> dict:
     async with chrome.page() as cdp:
-        await _wait_ready(cdp)
+        await wait_ready(cdp)
         await cdp.close_dialogs()
         await cdp.js(f"{BUILD_GRAPH}({json.dumps(SESSION)}, {json.dumps(BANK)})")
         hidden = await cdp.js("window.loop.widgets.filter((w) => w.hidden).map((w) => w.name).sort()")
-        assert hidden == ["camera_index", "every_nth", "file", "fps", "hint_file", "upload"], hidden
+        assert hidden == ["camera_index", "every_nth", "file", "hint_file", "upload"], hidden
         await cdp.js(f"{PANEL}.toggleButton.click() || true")  # one click: camera on, workflow queued
         try:
             await cdp.wait_for(f"{PANEL}.stats.shown >= 4", timeout=240)
@@ -142,11 +129,11 @@ async def _take(server, chrome, tmp_path) -> dict:
         (prompt_id,) = running_prompts(server)
         figures = await _change_prompt(server, cdp)
         await _screenshot_node(cdp, tmp_path / "live_panel.png")
+        figures["stage_frames"] = await _pop_out(cdp)
         await cdp.js(f"{PANEL}.toggleButton.click() || true")  # one click: camera off, loop stopped
         assert await cdp.js(f"{PANEL}.stream === null && !{PANEL}.taking")
         entry = await asyncio.to_thread(server.wait, prompt_id, 120)
         figures["frames"] = _check_take(server, entry)
-        figures.update(await _reload_and_join(server, cdp))
     if UPDATE:
         shutil.copy(tmp_path / "live_panel.png", REPO / "docs" / "live_panel.png")
     return figures
@@ -183,9 +170,9 @@ def _check_take(server, entry) -> int:
     status = get(server, f"/streamv2v/loop/{SESSION}/status")
     assert status["dropped"] == {} and status["frames_out"] == status["taken"], status
     (video,) = [f for f in server.output_files(entry) if f.suffix == ".mp4"]
-    with av.open(str(video)) as container:
-        written = sum(1 for _ in container.decode(video=0))
-    assert written == status["frames_out"]
+    written = status["frames_out"]
+    # a constant-rate recording: every frame at its capture time on the grid (held through gaps), none lost
+    assert len(read_back(video)[0]) >= written and f"wrote {written} frames" in server.log_text()
     assert bank_status(server)["frames_seen"] == written  # one bank through the whole take: never cleared
     log = server.log_text()
     assert "1 live changes (frame" in log and "ControlNet hint per frame: canny (OpenCV)" in log
@@ -193,33 +180,16 @@ def _check_take(server, entry) -> int:
     return written
 
 
-async def _reload_and_join(server, cdp) -> dict:
-    """Start a take, reload the page mid-take, and press Start on the new page: it joins the running loop."""
-    await cdp.js(f"{PANEL}.toggleButton.click() || true")
-    await cdp.wait_for(f"{PANEL}.stats.shown >= 3", timeout=240)
-    (prompt_id,) = running_prompts(server)
-    await cdp.js("window.streamv2vOldPage = true")
-    await cdp.call("Page.reload", ignoreCache=True)
-    await _wait_ready(cdp, f"!window.streamv2vOldPage && {READY}")
-    await cdp.wait_for("!!window.app?.graph?._nodes?.some((n) => n.type === 'StreamV2VLoop')", timeout=60)
-    await cdp.close_dialogs()
-    await cdp.js("(() => { window.loop = app.graph._nodes.find((n) => n.type === 'StreamV2VLoop'); return true; })()")
-    await cdp.js(f"{PANEL}.toggleButton.click() || true")
-    await cdp.wait_for(f"{PANEL}.stats.shown >= 3 && {PANEL}.stats.latencyMs !== null", timeout=240)
-    latency = await cdp.js(f"{PANEL}.stats.latencyMs")
-    shown = await cdp.js(f"{PANEL}.stats.shown")
-    assert running_prompts(server) == [prompt_id]  # joined the running loop: nothing queued twice
-    assert 0 < latency < 60_000, latency
-    # the projector window gets every frame too (a click is a user gesture: no pop-up blocker; last,
-    # since a page with a user gesture asks before it reloads)
+async def _pop_out(cdp) -> int:
+    """Pop out opens the session's stage page (its own page: it keeps going when the editor reloads), which
+    draws the frames. A click is a user gesture: no pop-up blocker."""
     await cdp.call("Runtime.evaluate", expression=f"{PANEL}.popButton.click()", userGesture=True)
-    before = await cdp.js(f"{PANEL}.stats.shown")
-    state = f"[{PANEL}.stats.shown, !!{PANEL}.popup, {PANEL}.popup?.closed, {PANEL}.popupCanvas()?.width ?? null]"
+    stage = f"{PANEL}.popup?.streamv2vStage"
+    state = f"[!!{PANEL}.popup, {PANEL}.popup?.closed, {PANEL}.popup?.location?.pathname, {stage}?.frames ?? null]"
     try:
-        await cdp.wait_for(f"{PANEL}.stats.shown > {before} && {PANEL}.popupCanvas()?.width === 64", timeout=60)
+        frames = await cdp.wait_for(f"{stage}?.frames >= 3 && {stage}.frames", timeout=60)
     except TimeoutError:
-        raise AssertionError(f"pop-out: [shown, popup, closed, canvas width] = {await cdp.js(state)}") from None
+        raise AssertionError(f"pop-out: [popup, closed, path, frames] = {await cdp.js(state)}") from None
+    assert (await cdp.js(f"{PANEL}.popup.location.pathname")).endswith(f"/streamv2v/stage/{SESSION}")
     await cdp.js(f"{PANEL}.popup.close() || true")
-    await cdp.js(f"{PANEL}.toggleButton.click() || true")
-    await asyncio.to_thread(server.wait, prompt_id, 120)
-    return {"reload_shown": shown, "reload_latency": latency}
+    return frames

@@ -16,7 +16,7 @@ from PIL import Image
 
 from host.clips import AUDIO_RATE, make_clip, read_back
 from host.prompts import loop_prompt, webcam_loop_prompt
-from host.server import PromptFailed
+from host.server import PromptFailed, PromptRejected
 from host.waiting import wait_until
 
 FRAMES = 6
@@ -193,12 +193,15 @@ def test_live_loop_survives_bad_frames(comfy_server):
     assert final["frames_out"] == len(usable) == 86
     (video,) = list((comfy_server.output_dir / "live").glob("hardened_*.mp4"))
     written, _, _, _ = read_back(video)
-    assert written.shape == (86, 64, 64, 3)
+    # a constant-rate recording (30 fps): each frame at its arrival time, held until the next (two frames that
+    # arrived within one slot, as this test's sender makes around a dropped frame: the newer one is kept)
+    assert written.shape[1:] == (64, 64, 3) and len(written) >= 86
     stamps = [stamp for stamp, _ in received]
     assert stamps == sorted(stamps) and set(stamps) <= set(usable)  # each output carries its source's stamp
     assert Image.open(io.BytesIO(received[-1][1])).size == (64, 64)
     log = comfy_server.log_text()
     assert "wrote 86 frames (64x64)" in log and "dropped 14 live frames (1 too large, 3 too small, 10 undecodable)" in log
+    assert "the MP4 holds" in log
     print(f"\nlive loop: 100 frames offered, 86 written at 64x64 in {elapsed:.1f} s "
           f"({86 / elapsed:.1f} fps through the tiny model), 14 dropped and reported")
 
@@ -227,7 +230,7 @@ def test_many_session_names_leave_server_memory_bounded(comfy_server):
 
     code, body = request(f"{comfy_server.url}/streamv2v/loop/{'x' * 65}/status")
     assert code == 400 and "is not allowed: use 1 to 64 letters" in json.loads(body)["error"]
-    with pytest.raises(PromptFailed, match="is not allowed: use 1 to 64 letters"):  # before the loop's work
+    with pytest.raises(PromptRejected, match="is not allowed: use 1 to 64 letters"):  # refused when queued
         comfy_server.run(webcam_loop_prompt("x" * 10_000, "live/long_name"))
 
 

@@ -86,12 +86,15 @@ def test_a_take_re_rendered_at_its_own_settings_gives_the_live_take(comfy_server
     (render,) = [f for f in comfy_server.output_files(again) if f.suffix == ".mp4"]
     live_pts, live_frames = decoded(live)
     render_pts, render_frames = decoded(render)
-    assert len(live_pts) == FRAMES and render_pts == live_pts
+    # constant frame rate: each of the FRAMES outputs at its capture time, held until the next; the re-render
+    # places the take's frames at their recorded arrival times on the same grid
+    assert len(live_pts) >= FRAMES and render_pts == live_pts
     worst = int(np.abs(live_frames - render_frames).max())
-    print(f"\ntake re-rendered at its own settings: {FRAMES} frames, same times, largest difference {worst}/255")
+    print(f"\ntake re-rendered at its own settings: {FRAMES} frames ({len(live_pts)} at 30 fps), same times, "
+          f"largest difference {worst}/255")
     assert worst <= 2
     larger = comfy_server.run(prompt("take/larger", source="take", file=f"{take}/", width=96, height=96, steps=3),
                               timeout=300)
     (big,) = [f for f in comfy_server.output_files(larger) if f.suffix == ".mp4"]
     big_pts, big_frames = decoded(big)
-    assert big_pts == live_pts and big_frames.shape == (FRAMES, 96, 96, 3)
+    assert big_pts == live_pts and big_frames.shape == (len(live_pts), 96, 96, 3)

@@ -38,6 +38,35 @@ LONG_CLIP, LONG_FRAMES = "streamv2v_workflow_test_long.mp4", 13  # 4 latent fram
 VIDEO_OVERRIDES = {"LoadVideo": {"file": LONG_CLIP}, "RandomizedBlendContext": {"chunk_length": 2, "overlap": 1}}
 
 
+def test_every_workflow_has_its_own_thumbnail():
+    """ComfyUI's template browser (the pinned frontend and 1.58 alike) shows <workflow>.jpg from next to the JSON:
+    every workflow has one, a real JPEG of its own (tests/test_ui_browser.py makes them from its screenshots)."""
+    from PIL import Image
+
+    seen = {}
+    for path in WORKFLOWS:
+        thumbnail = path.with_suffix(".jpg")
+        assert thumbnail.is_file(), f"{path.name} has no thumbnail {thumbnail.name}"
+        with Image.open(thumbnail) as image:
+            assert image.format == "JPEG" and image.width >= 256 and image.height >= 144, thumbnail.name
+        data = thumbnail.read_bytes()
+        assert data not in seen.values(), f"{thumbnail.name} is the same picture as another workflow's"
+        seen[path.name] = data
+
+
+def test_live_workflow_notes_name_the_panel_as_it_is():
+    """A live workflow's note tells the steps the panel has (● Start queues the workflow; the stage; ■ Stop), not
+    the old buttons ('Start webcam', then Queue)."""
+    for path in WORKFLOWS:
+        workflow = json.loads(path.read_text())
+        if not any(n["type"] == "StreamV2VLoop" and n["widgets_values"][0] == "browser webcam"
+                   for n in workflow["nodes"]):
+            continue
+        (note,) = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "MarkdownNote"]
+        assert "**● Start**" in note and "**■ Stop**" in note and "Stage" in note, path.name
+        assert "Start webcam" not in note and "Press **Queue**" not in note, path.name
+
+
 def video_frames(path):
     with av.open(str(path)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
@@ -82,9 +111,10 @@ def run_live_webcam(server, prompt):
     prompt_id = server.queue_prompt(prompt)
     frame = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (96, 128, 3), np.uint8))[1].tobytes()
     deadline, done = time.monotonic() + 120, 0
+    while time.monotonic() < deadline and not get_json(f"{base}/loop/{session}/status")["running"]:
+        time.sleep(0.1)  # this prompt's loop (the status shows the last take's counts until it starts)
     while time.monotonic() < deadline and done < 3:
-        if get_json(f"{base}/loop/{session}/status")["running"]:
-            post(f"{base}/webcam/{session}/frame", frame)
+        post(f"{base}/webcam/{session}/frame", frame)
         time.sleep(0.1)
         done = get_json(f"{base}/loop/{session}/status")["frames_out"]
     assert done >= 3, server.log_tail()

@@ -2,16 +2,23 @@
 //
 // The browser's webcam goes to the server over one WebSocket (/streamv2v/webcam/<session>/ws, see
 // nodes/loop/routes.py): the server says "ready" when its loop took the last frame, and the panel sends the next
-// one at once. Restyled frames come back as they finish, each with the stamp of its source frame. The panel shows
-// them large (filling the node, and in a pop-out window that can go fullscreen on a projector), with the frame rate
-// and capture-to-display latency measured on this page's own clock only: a stamp this page did not send (an old
-// page's, before a reload) is shown but never used for latency or for ordering.
+// one at once. Restyled frames come back as they finish, each with the stamp of its source frame (the frame whose
+// pixels they hold). The panel shows them large, with the frame rate and capture-to-display latency measured on
+// this page's own clock only: a stamp this page did not send (an old page's, before a reload) is shown but never
+// used for latency or for ordering.
 // One Start/Stop toggle starts the camera and queues the workflow (unless the session's loop already runs), and
-// stops both. Live controls (prompt, ControlNet strength, FF alpha, blend frames, Clear bank) go to
-// POST /streamv2v/loop/<session>/params and take effect at the next frame (nodes/loop_params_routes.py).
+// stops both. A workflow the server refuses, or one that fails while it runs, shows its message here, the toggle
+// returns to Start and the camera is released. After a reload of the editor, a panel whose tab was taking rejoins
+// the session's running loop by itself (camera on again, no click). The stage page of the session
+// (GET /streamv2v/stage/<session>: the output full window, for OBS, a projector or another machine; its URL is
+// shown with a Copy button) is what "Pop out" opens, so it survives reloads of the editor.
+// Live controls (web/streamv2v_live_controls.js) go to POST /streamv2v/loop/<session>/params.
+// Other extensions hook in through window.StreamV2V (web/streamv2v_panel_api.js; see web/README.md).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { LiveControls } from "./streamv2v_live_controls.js";
+import { PANELS } from "./streamv2v_panel_api.js";
+import { copyText, executionErrorText, queueGraph, rememberTake, stageUrl, wasTaking } from "./streamv2v_take.js";
 
 const NODE_TYPES = new Set(["StreamV2VLoop", "StreamV2VWebcamEcho"]);
 const BROWSER = "browser webcam";
@@ -22,13 +29,15 @@ const WINDOW_MS = 2000;    // frame rate over the last 2 s
 const LATENCIES = 60;      // latency: mean of the last 60 frames
 const FRESH_MS = 50;       // a frame captured ahead is sent only if it is younger than this
 const SENT_KEPT = 256;     // stamps this page sent and may still get back (bounded)
+const TRACE_KEPT = 512;    // capture stamps sent and frames received, kept for tests and the hook API (bounded)
+const REJOIN_DELAY_MS = 300;  // after a reload: let the workflow's widget values land before reading the session
 const TEXT_PREVIEW = "$$node-text-preview";  // the frontend's progress-text widget (mirrored into our report line)
 // Inputs that do nothing for a source: hidden while it is chosen (the tester's list for the browser webcam).
 const HIDDEN_FOR = {
   "video file": ["camera_index", "fps"],
   "image folder": ["camera_index"],
-  "camera": ["file", "fps", "every_nth"],
-  [BROWSER]: ["file", "fps", "camera_index", "every_nth"],
+  "camera": ["file", "every_nth"],
+  [BROWSER]: ["file", "camera_index", "every_nth"],
 };
 
 function widget(node, name) {
@@ -38,6 +47,11 @@ function widget(node, name) {
 function widgetValue(node, name, fallback) {
   const w = widget(node, name);
   return w ? w.value : fallback;
+}
+
+function keep(list, item) {
+  list.push(item);
+  if (list.length > TRACE_KEPT) list.shift();
 }
 
 function element(tag, css, text) {
@@ -57,14 +71,17 @@ export class WebcamPanel {
     this.wanted = false;  // the server said "ready": send one frame as soon as the camera can give one
     this.prepared = null; // a frame captured ahead while the server works (see sendFrame)
     this.server = null;
+    this.promptId = null; // the prompt this panel queued (its execution_error / execution_interrupted end the take)
     this.sent = new Map(); // stamp -> true for frames this page sent (latency and ordering use only these)
+    this.listeners = new Map();  // event -> Set of callbacks (the hook API: "take", "frame", "live")
     this.resetStats();
     this.popup = null;
     this.build();
   }
 
   resetStats() {
-    this.stats = { sent: 0, shown: 0, fps: 0, latencyMs: null, latencies: [], captureMs: [] };
+    this.stats = { sent: 0, shown: 0, received: 0, fps: 0, latencyMs: null, latencies: [], captureMs: [] };
+    this.trace = { sent: [], received: [] };  // [stamp], [[received at, stamp, ours]]: oldest dropped first
     this.shownAt = [];
     this.newestShown = -Infinity;
     this.sent.clear();
@@ -81,6 +98,7 @@ export class WebcamPanel {
     this.toggleButton.className = "streamv2v-toggle";
     this.popButton = this.button("Pop out ↗", () => this.popOut(),
       "font-size:13px;padding:6px 10px;min-height:34px;border-radius:6px;cursor:pointer;");
+    this.popButton.title = "Open the stage page (the output full window; it survives reloads of this editor)";
     this.status = element("span", "font-size:13px;font-variant-numeric:tabular-nums;");
     this.status.className = "streamv2v-status";
     bar.append(this.toggleButton, this.popButton, this.status);
@@ -95,12 +113,42 @@ export class WebcamPanel {
     this.report = element("div", "font-size:12px;opacity:0.85;white-space:pre-wrap;max-height:3.6em;overflow:auto;"
       + "flex:0 0 auto;");
     this.report.className = "streamv2v-report";
-    this.root.append(bar, this.video, this.output);
+    this.root.append(bar, this.buildStageLine(), this.video, this.output);
     if (this.isLoop) {
       this.controls = new LiveControls(this);
       this.root.append(this.controls.root);
     }
-    this.root.append(this.report);
+    this.extensions = element("div", "display:flex;gap:8px;align-items:center;flex-wrap:wrap;flex:0 0 auto;");
+    this.extensions.className = "streamv2v-extensions";  // controls other extensions add (addControl)
+    this.root.append(this.extensions, this.report);
+  }
+
+  // "Stage: <url> [Copy]": the page OBS (Browser Source), a projector or another machine opens.
+  buildStageLine() {
+    const line = element("div", "display:flex;gap:6px;align-items:center;font-size:12px;flex:0 0 auto;min-width:0;");
+    this.stageLink = element("a", "color:#8ab4f8;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;"
+      + "min-width:0;flex:0 1 auto;");
+    this.stageLink.className = "streamv2v-stage-url";
+    this.stageLink.target = "_blank";
+    this.stageLink.title = "The stage page: open it in OBS (Browser Source), on a projector or on another machine "
+      + "(there, use this server's network address instead of localhost). …/mjpeg is the same as an MJPEG stream "
+      + "(OBS Media Source, VLC, ffmpeg).";
+    const copy = this.button("Copy", async () => {
+      copy.textContent = (await copyText(this.stageUrl())) ? "Copied" : "Copy failed";
+      setTimeout(() => { copy.textContent = "Copy"; }, 1500);
+    }, "font-size:12px;padding:2px 8px;border-radius:5px;cursor:pointer;");
+    copy.className = "streamv2v-stage-copy";
+    line.append(element("span", "opacity:0.8;", "Stage:"), this.stageLink, copy);
+    this.refreshStageLine();
+    return line;
+  }
+
+  refreshStageLine() {
+    const url = this.stageUrl();
+    if (this.stageLink.href !== url) {
+      this.stageLink.href = url;
+      this.stageLink.textContent = url;
+    }
   }
 
   button(label, onClick, css) {
@@ -117,6 +165,10 @@ export class WebcamPanel {
     return this.isLoop ? String(widgetValue(this.node, "source", BROWSER)) : BROWSER;
   }
 
+  stageUrl() {
+    return stageUrl(this.session);
+  }
+
   socketUrl() {
     const url = new URL(api.apiURL(`/streamv2v/webcam/${this.session}/ws`), window.location.href);
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
@@ -129,41 +181,77 @@ export class WebcamPanel {
     else await this.startTake();
   }
 
-  async startTake() {
+  // join: only join a running loop (after a reload), never queue the workflow.
+  async startTake(join = false) {
     this.taking = true;
     this.sawRunning = false;
+    this.promptId = null;
     this.renderToggle();
     this.resetStats();
+    this.controls?.newTake();
+    rememberTake(this.session, true);
     if (this.source === BROWSER) await this.start();
     else this.connect();  // other sources: the socket still brings status (and frames for the webcam echo)
     if (!this.taking) return;
-    const running = await this.loopRunning();
-    if (!running) {
-      try {
-        await app.queuePrompt(0, 1);
-        this.say("queued: the loop starts when the queue reaches it");
-      } catch (error) {
-        this.say(`could not queue: ${error.message}`);
-      }
-    } else this.say("the loop of this session already runs: joined it");
+    if (await this.loopRunning()) this.say("the loop of this session already runs: joined it");
+    else if (join) this.loopEnded("the loop of this session is no longer running");
+    else await this.queue();
+    this.emit("take", { taking: this.taking });
   }
 
-  // The loop ended on its own (a file ran out, an error, Stop from another page): the toggle says so.
-  loopEnded() {
+  async queue() {
+    this.say("queueing the workflow…");
+    const queued = await queueGraph();
+    if (queued.error) {
+      this.failed(`not started: ${queued.error}`);
+      return;
+    }
+    this.promptId = queued.promptId;
+    if (this.taking && !this.sawRunning) this.say("queued: the loop starts when the queue reaches it");
+  }
+
+  // The take cannot go on (refused, failed, ended): the toggle says Start, the camera and the link are released.
+  release() {
     this.taking = this.sawRunning = false;
+    rememberTake(this.session, false);
     this.renderToggle();
     this.stream?.getTracks().forEach((track) => track.stop());
     this.stream = null;
     const socket = this.socket;
     this.socket = null;
     socket?.close();
-    this.say("the loop ended");
+    this.emit("take", { taking: false });
+  }
+
+  // The workflow was refused or failed: its message, in red, where the performer looks.
+  failed(text) {
+    this.release();
+    this.say(text, true);
+    this.report.textContent = text;
+  }
+
+  // The loop ended on its own (a file ran out, idle_timeout, an error, Stop from another page).
+  loopEnded(text = "the loop ended") {
+    this.release();
+    this.say(text);
   }
 
   async stopTake() {
     this.taking = false;
+    rememberTake(this.session, false);
     this.renderToggle();
     await this.stop();
+    this.emit("take", { taking: false });
+  }
+
+  // After a reload: this tab was taking and the session's loop still runs: join it, camera on, no click.
+  rejoinSoon() {
+    clearTimeout(this.rejoinTimer);
+    this.rejoinTimer = setTimeout(async () => {
+      if (this.taking || !this.isLoop || !wasTaking(this.session)) return;
+      if (await this.loopRunning()) await this.startTake(true);
+      else rememberTake(this.session, false);
+    }, REJOIN_DELAY_MS);
   }
 
   async loopRunning() {
@@ -173,6 +261,13 @@ export class WebcamPanel {
     } catch (error) {
       return false;
     }
+  }
+
+  // ComfyUI's execution events for the prompt this panel queued.
+  onExecution(type, detail) {
+    if (!this.taking || !detail || detail.prompt_id !== this.promptId) return;
+    if (type === "execution_error") this.failed(`failed: ${executionErrorText(detail)}`);
+    else if (type === "execution_interrupted") this.loopEnded("cancelled (the MP4 keeps every frame written)");
   }
 
   renderToggle() {
@@ -189,11 +284,10 @@ export class WebcamPanel {
     try {
       this.stream = await navigator.mediaDevices.getUserMedia({ video: true, audio: false });
     } catch (error) {
-      this.say(`webcam refused: ${error.message}`);
-      this.taking = false;
-      this.renderToggle();
+      this.failed(`webcam refused: ${error.message}`);
       return;
     }
+    this.cameraFps = this.stream.getVideoTracks()[0]?.getSettings?.().frameRate ?? null;
     this.video.srcObject = this.stream;
     this.video.onplaying = () => this.sendFrame();
     await this.video.play();
@@ -206,6 +300,8 @@ export class WebcamPanel {
     this.newestShown = -Infinity;  // a new link: order frames afresh
     const socket = new WebSocket(this.socketUrl());
     socket.binaryType = "arraybuffer";
+    // the camera's own frame rate: a live recording's default grid (the loop's fps input 0)
+    socket.onopen = () => this.cameraFps && socket.send(JSON.stringify({ type: "camera", fps: this.cameraFps }));
     socket.onmessage = (event) => {
       if (typeof event.data === "string") this.onText(JSON.parse(event.data));
       else this.onFrame(event.data);
@@ -276,6 +372,7 @@ export class WebcamPanel {
       if (!frame || now - frame.stamp > FRESH_MS) frame = this.encodeFrame();
       socket.send(frame.message);
       this.remember(frame.stamp);
+      keep(this.trace.sent, frame.stamp);
       this.stats.sent += 1;
       const gap = now - (this.lastSentAt ?? -Infinity);
       this.lastSentAt = now;
@@ -285,7 +382,7 @@ export class WebcamPanel {
         }, 0);
       }
     } catch (error) {
-      this.say(`error: ${error.message}`);
+      this.say(`error: ${error.message}`, true);
     }
   }
 
@@ -297,6 +394,8 @@ export class WebcamPanel {
   async onFrame(data) {
     const stamp = new DataView(data).getFloat64(0, true);
     const ours = this.sent.has(stamp);  // sent by this page: its clock, so latency and order mean something
+    this.stats.received += 1;
+    keep(this.trace.received, [performance.now(), stamp, ours]);
     const bitmap = await createImageBitmap(new Blob([data.slice(STAMP_BYTES)], { type: "image/jpeg" }));
     if (ours && stamp < this.newestShown) {  // a newer frame was decoded first: show the present
       bitmap.close();
@@ -317,17 +416,16 @@ export class WebcamPanel {
       stats.latencyMs = stats.latencies.reduce((a, b) => a + b, 0) / stats.latencies.length;
     }
     this.render();
+    this.emit("frame", { shown: stats.shown, latencyMs: stats.latencyMs });
   }
 
   draw(bitmap) {
-    for (const canvas of [this.output, this.popupCanvas()]) {
-      if (!canvas) continue;
-      if (canvas.width !== bitmap.width || canvas.height !== bitmap.height) {
-        canvas.width = bitmap.width;
-        canvas.height = bitmap.height;
-      }
-      canvas.getContext("2d").drawImage(bitmap, 0, 0);
+    const canvas = this.output;
+    if (canvas.width !== bitmap.width || canvas.height !== bitmap.height) {
+      canvas.width = bitmap.width;
+      canvas.height = bitmap.height;
     }
+    canvas.getContext("2d").drawImage(bitmap, 0, 0);
     bitmap.close();
   }
 
@@ -343,14 +441,19 @@ export class WebcamPanel {
       const dropped = Object.values(server.dropped || {}).reduce((a, b) => a + b, 0);
       if (dropped) parts.push(`dropped ${dropped}`);
       if (!server.running) parts.push("waiting for the loop to run");
-      else if (server.idle_s > 2) parts.push(`no frame for ${Math.round(server.idle_s)} s`);
+      else if (server.idle_s > 2) {
+        const ends = server.idle_timeout ? ` (the loop ends at ${server.idle_timeout} s)` : "";
+        parts.push(`no frame for ${Math.round(server.idle_s)} s${ends}`);
+      }
     }
-    this.status.textContent = parts.join(" · ");
+    this.say(parts.join(" · "));
     this.controls?.refreshSoon();
+    this.refreshStageLine();
   }
 
-  say(text) {
+  say(text, error = false) {
     this.status.textContent = text;
+    this.status.style.color = error ? "#ff8a80" : "";
   }
 
   async stop() {
@@ -360,39 +463,61 @@ export class WebcamPanel {
     this.socket = null;
     socket?.close();
     try {
+      if (this.promptId && !this.sawRunning) {  // still waiting in the queue: take it out, no take starts later
+        await api.fetchApi("/queue", { method: "POST", body: JSON.stringify({ delete: [this.promptId] }) });
+      }
       await api.fetchApi(`/streamv2v/loop/${this.session}/stop`, {
         method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" });
       this.say("stopped");
     } catch (error) {
-      this.say(`stop failed: ${error.message}`);
+      this.say(`stop failed: ${error.message}`, true);
     }
   }
 
-  // ------------------------------------------------------------------ pop-out window (projector)
+  // ------------------------------------------------------------------ pop-out: the stage page (projector)
+  // Its own page (not drawn by this one), so it keeps receiving frames while the editor reloads or closes.
   popOut() {
     if (this.popup && !this.popup.closed) {
       this.popup.focus();
       return;
     }
-    const popup = window.open("", `streamv2v_${this.session}`, "width=960,height=600");
+    const popup = window.open(this.stageUrl(), `streamv2v_stage_${this.session}`, "width=960,height=600");
     if (!popup) {
-      this.say("the pop-out window was blocked: allow pop-ups for this page");
+      this.say("the pop-out window was blocked: allow pop-ups for this page, or open the stage URL", true);
       return;
     }
-    popup.document.title = `StreamV2V — ${decodeURIComponent(this.session)}`;
-    popup.document.body.style.cssText = "margin:0;background:#000;overflow:hidden;";
-    const canvas = popup.document.createElement("canvas");
-    canvas.style.cssText = "width:100vw;height:100vh;object-fit:contain;display:block;cursor:zoom-in;";
-    canvas.title = "click: fullscreen (Esc leaves it)";
-    canvas.addEventListener("click", () => canvas.requestFullscreen?.().catch(() => {}));
-    popup.document.body.append(canvas);
     this.popup = popup;
-    if (this.output.width > 0) this.popupCanvas().getContext("2d").drawImage(this.output, 0, 0);
   }
 
-  popupCanvas() {
-    if (!this.popup || this.popup.closed) return null;
-    return this.popup.document.querySelector("canvas");
+  // ------------------------------------------------------------------ hook API (streamv2v_panel_api.js)
+  liveValues() {
+    return this.controls?.values() ?? { running: false, can: null, current: {}, inEffect: null };
+  }
+
+  setLive(change) {
+    if (!this.controls) return Promise.resolve({ ok: false, error: "this node has no live controls" });
+    return this.controls.post(change);
+  }
+
+  addControl(control) {
+    this.extensions.append(control);
+    return () => control.remove();
+  }
+
+  on(event, callback) {
+    if (!this.listeners.has(event)) this.listeners.set(event, new Set());
+    this.listeners.get(event).add(callback);
+    return () => this.listeners.get(event)?.delete(callback);
+  }
+
+  emit(event, detail) {
+    for (const callback of this.listeners.get(event) ?? []) {
+      try {
+        callback(detail, this);
+      } catch (error) {
+        console.error(`StreamV2V panel: a "${event}" listener failed`, error);
+      }
+    }
   }
 
   // ------------------------------------------------------------------ the node around the panel
@@ -459,6 +584,8 @@ function attachPanel(node) {
     };
   }
   panel.showInputsFor();
+  PANELS.add(panel);
+  panel.rejoinSoon();  // a node made by loading a workflow: configured next, then its session is read
   return panel;
 }
 
@@ -470,6 +597,9 @@ app.registerExtension({
       const node = app.graph?.getNodeById?.(nodeId);
       node?.streamv2vWebcam?.mirrorProgressText(text);
     });
+    for (const type of ["execution_error", "execution_interrupted"]) {
+      api.addEventListener(type, (event) => PANELS.forEach((panel) => panel.onExecution(type, event.detail)));
+    }
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!NODE_TYPES.has(nodeData.name)) return;
@@ -483,6 +613,7 @@ app.registerExtension({
     nodeType.prototype.onConfigure = function () {
       const result = configured?.apply(this, arguments);
       this.streamv2vWebcam?.showInputsFor();  // a loaded workflow's source
+      this.streamv2vWebcam?.rejoinSoon();  // after a reload: its session's loop may still run
       return result;
     };
     const removed = nodeType.prototype.onRemoved;
@@ -490,6 +621,7 @@ app.registerExtension({
       if (this.streamv2vWebcam?.taking) this.streamv2vWebcam.stopTake();
       else if (this.streamv2vWebcam?.stream) this.streamv2vWebcam.stop();
       this.streamv2vWebcam?.popup?.close();
+      PANELS.delete(this.streamv2vWebcam);
       return removed?.apply(this, arguments);
     };
   },

@@ -3,8 +3,9 @@
 
 node.py (the Loop node) reads frames from sources.py (file, folder, camera, browser webcam), lets
 steering.py give each frame its own prompt, hint and live changes as it enters the engine
-(nodes/engine), and writes every output to sink.py (MP4, preview, the browser). routes.py holds the
-loop's HTTP routes; cursors.py the Next Frame node's positions.
+(nodes/engine), and writes every output to sink.py (MP4, preview, the browser, the stage's viewers). routes.py
+holds the loop's HTTP routes, stage.py the stage page and its MJPEG stream; cursors.py the Next Frame node's
+positions.
 """
 from .echo import NODES as ECHO_NODES
 from .next_frame import NODES as NEXT_FRAME_NODES

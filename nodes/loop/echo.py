@@ -20,8 +20,8 @@ class StreamV2VWebcamEcho(io.ComfyNode):
             category=VIDEO_CATEGORY,
             description="Sends the browser webcam's frames straight back, through the same session, link and "
                         "preview as the loop node but without a model, so the node shows the link's own frame rate "
-                        "and capture-to-display latency. Press 'Start webcam', queue, and Stop to end. Use it to "
-                        "check a network or browser before loading a model.",
+                        "and capture-to-display latency. Press ● Start on its panel (it queues the workflow) and "
+                        "■ Stop to end. Use it to check a network or browser before loading a model.",
             inputs=[io.String.Input("session", default="webcam",
                                     tooltip="Name linking the node's webcam/Stop buttons to this run (letters, "
                                             "digits, '_', '-', '.'; up to 64)."),
@@ -55,14 +55,17 @@ class StreamV2VWebcamEcho(io.ComfyNode):
         pick = FramePick(width=width, height=height)
         sizer = pick.sizer()
         status = NodeStatus(node_id_of(cls), None, preview=False)
-        sink = LoopSink(None, None, None, status, link)
+        sink = LoopSink(None, None, None, status, link, live=True)
         link.start()
         try:
             stream = FrameStream(BrowserSource(link, sizer, status), pick, sizer, link)
             for index, frame in enumerate(stream):
                 sink.put(Output(index, frame.image, frame))
         finally:
-            link.finish()
+            try:
+                sink.close()
+            finally:
+                link.finish()
         size = f" ({sink.size[1]}x{sink.size[0]})" if sink.size else ""
         report = "; ".join(t for t in (f"echoed {sink.frames} frames{size} at {sink.fps():.1f} fps",
                                        drops_text(link)) if t)

@@ -14,7 +14,7 @@ def source_inputs(choices=SOURCES) -> list:
         io.Combo.Input("source", options=list(choices), default=choices[0],
                        tooltip="Where frames come from: a video file, a folder of images"
                                + (", a camera on the server (OpenCV index), or the browser's webcam (press "
-                                  "'Start webcam' on the node)." if live else ".")),
+                                  "● Start on the node's panel)." if live else ".")),
         io.Combo.Input("file", options=input_choices(), upload=io.UploadType.video,
                        tooltip="A video (or, for 'image folder', a folder of images, shown as 'name/') in ComfyUI's "
                                "input folder; upload one with the button. Files outside the input folder are never "

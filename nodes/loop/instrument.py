@@ -100,7 +100,6 @@ class LoopInstrument:
         self.choice, self.session, self.steering = choice, session, steering
         self.recorder: TakeRecorder | None = None
         self.osc: OscListener | None = None
-        self.times: list[int] | None = None  # a replayed take's output times (ms)
 
     def recording(self, live: bool, inputs: dict):
         """For a live browser run: start the take and return the frame recorder (None: nothing recorded)."""
@@ -112,11 +111,11 @@ class LoopInstrument:
         return self.recorder.frame
 
     def replaying(self, reader) -> None:
-        """A take as the source: its changes go to the steering, its output times to the MP4."""
+        """A take as the source: its changes go to the steering (its frames bring their arrival times: the MP4
+        places them on the live take's timeline)."""
         take = getattr(reader, "take", None)
         if take is not None:
             self.steering.replay = take.checked_changes(self.steering.can)
-            self.times = take.output_ms or None
 
     def listen(self) -> None:
         self.osc = open_osc(self.choice, self.session)

@@ -12,6 +12,7 @@ from comfy_execution.utils import get_executing_context
 import comfy.model_management
 
 from ...streamv2v_core.live.session import SESSIONS
+from ...streamv2v_core.media.frame_grid import MAX_HOLD_S
 from ...streamv2v_core.media.frames import selected_count
 from ...streamv2v_core.media.video_io import shortfall
 from ...streamv2v_core.registry import Registry
@@ -22,9 +23,10 @@ from .inputs import source_inputs
 from .instrument import InstrumentChoice, LoopInstrument, instrument_inputs
 from .sink import LoopSink, drops_text
 from .sources import BROWSER, LIVE_SOURCES, VIDEO_FILE, FramePick, FrameStream, SourceChoice
+from .takes import session_free
 from ..node_status import NodeStatus, node_id_of
 from ..output_files import check_prefix
-from .._schema import VIDEO_CATEGORY, NodeInputs, guidance_inputs, model_inputs, stream_inputs
+from .._schema import VIDEO_CATEGORY, NodeInputs, advanced, guidance_inputs, model_inputs, stream_inputs
 from ..engine import OFF, StreamSettings, compile_mode, run_stream
 from ..video_input import video_output
 from ..wording import every_nth, plural
@@ -33,6 +35,7 @@ log = logging.getLogger("streamv2v")
 
 DEFAULT_PREFIX = "StreamV2V/loop"
 OUTPUTS = 5
+IDLE_TIMEOUT_S = 30.0  # a page closed without Stop frees ComfyUI's queue within a minute
 # Runs cut short (stopped or cancelled), by the node and the inputs that name its output: part of that node's
 # fingerprint, so queueing it again re-runs it (its cached MP4 is incomplete) and no other loop node.
 _CUT_SHORT: Registry[int] = Registry("cut-short loop run", 256, "lru", register=False)
@@ -67,15 +70,25 @@ class StreamV2VLoop(io.ComfyNode):
                                             "run (letters, digits, '_', '-', '.'; up to 64); use different names "
                                             "for several loop nodes."),
                     io.Float.Input("fps", default=0.0, min=0.0, max=240.0, step=0.5,
-                                   tooltip="Frame rate of the MP4 for sources without one (image folder; "
-                                           "0 = 24). Videos keep theirs; camera and webcam use the clock."),
+                                   tooltip="Frame rate of the MP4 for an image folder (0 = 24) and for a live "
+                                           "recording (camera, browser webcam; 0 = the camera's own, else 30): "
+                                           "each restyled frame is placed at its capture time on this constant "
+                                           "rate, the last one held through gaps, so the MP4 lasts as long as "
+                                           "the take. Videos keep their own rate."),
                     io.String.Input("filename_prefix", default=DEFAULT_PREFIX,
                                     tooltip="MP4 name in the output folder ('folder/name'); a new file each run, "
                                             "an existing one is never replaced."),
                     *stream_inputs(),
                     *steering_inputs(),
                     *guidance_inputs(),
-                    *instrument_inputs()],
+                    *instrument_inputs(),
+                    advanced(io.Float.Input("idle_timeout", default=IDLE_TIMEOUT_S, min=0.0, max=86400.0, step=1.0,
+                                            optional=True,
+                                            tooltip="Browser webcam: when no frame has come for this many "
+                                                    "seconds (the page was closed without Stop, the camera went "
+                                                    "away), the take ends by itself, keeps every frame in its MP4 "
+                                                    "and says so in its report, and ComfyUI's queue goes on. "
+                                                    "0 = wait for ever."))],
             outputs=[io.String.Output(display_name="video_path", tooltip="Absolute path of the MP4 written."),
                      io.Image.Output(display_name="last_frame", tooltip="The last restyled frame [1, H, W, 3]."),
                      io.Int.Output(display_name="frames", tooltip="Number of frames written."),
@@ -89,15 +102,19 @@ class StreamV2VLoop(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, file="", compile=OFF):
-        # ComfyUI reports a message on every input this function takes, so it takes only `file` (checked
-        # whatever the source: a name outside the input folder is never accepted) and `compile` (named so that
-        # an old workflow's boolean passes ComfyUI's list check). filename_prefix, session and prompt_schedule
-        # are checked first thing in execute, each naming itself.
+    def validate_inputs(cls, source=VIDEO_FILE, file="", compile=OFF, session="webcam"):
+        # ComfyUI reports a message on every input this function takes, so it takes only what it checks:
+        # `file` (for the sources that read it: a live source never does, so a workflow switched to the webcam
+        # is not refused for its old file), `compile` (named so that an old workflow's boolean passes
+        # ComfyUI's list check), and for live sources `session` (one take a session: a second copy queued by
+        # Ctrl+Enter must not start a stray take when the first one stops). filename_prefix and
+        # prompt_schedule are checked first thing in execute, each naming itself.
         try:
             compile_mode(compile)
         except ValueError as error:
             return str(error)
+        if source in LIVE_SOURCES:
+            return session_free(session) or True
         return check_input(file) or True
 
     @classmethod
@@ -115,6 +132,7 @@ class StreamV2VLoop(io.ComfyNode):
         given = NodeInputs("StreamV2V Loop", inputs)
         prefix = check_prefix(given.take("filename_prefix", DEFAULT_PREFIX))
         session = SESSIONS.get(given.take("session", "webcam"))
+        idle_timeout = float(given.take("idle_timeout", IDLE_TIMEOUT_S))
         settings = given.build(StreamSettings)
         settings.check()
         take_settings = dict(inputs)  # what a recorded take's header keeps
@@ -123,27 +141,30 @@ class StreamV2VLoop(io.ComfyNode):
         given.check_all_taken()
         node_id = node_id_of(cls)
         sizer = pick.sizer()
-        live = origin.source == BROWSER and video is None
-        status = NodeStatus(node_id, None, preview=not live)
+        browser = origin.source == BROWSER and video is None
+        live = origin.live and video is None
+        status = NodeStatus(node_id, None, preview=not browser)
         steering = FrameSteering(model, positive, clip, choice, session, hint_video, pick.skip_first, pick.every_nth,
                                  negative, settings)
         instrument = LoopInstrument(playing, session, steering)
         try:
-            reader = origin.open(video, session, sizer, status, record=instrument.recording(live, take_settings))
+            reader = origin.open(video, session, sizer, status, record=instrument.recording(browser, take_settings),
+                                 idle_timeout=idle_timeout)
             instrument.replaying(reader)
             instrument.listen()
         except BaseException:
             instrument.close()
             steering.close()  # its hint video, and the session's live params
             raise
-        session.start()
+        context = get_executing_context()
+        session.start(idle_timeout if browser else 0.0, context.prompt_id if context else None)
         try:
             status.total = selected_count(reader.total, pick.skip_first, pick.every_nth, pick.max_frames)
-            rate = origin.rate(reader, pick.every_nth)
+            rate = origin.rate(reader, pick.every_nth, session.camera_fps if browser else None)
             audio = reader.audio(pick.skip_first / float(reader.fps)) if reader.fps else None
-            sink = LoopSink(prefix, rate, audio, status, session if live else None, instrument.times,
-                            instrument.recorder)
-            stream = FrameStream(reader, pick, sizer, session)
+            sink = LoopSink(prefix, rate, audio, status, session, live, origin.timed and video is None,
+                            max(MAX_HOLD_S, idle_timeout), instrument.recorder)
+            stream = FrameStream(reader, pick, sizer, session, live)
             key = f"StreamV2VLoop {node_id}" if node_id is not None else None
             report, interrupted = _run(model, positive, negative, vae, stream, settings, sink, origin, key, steering)
         finally:
@@ -168,7 +189,7 @@ def _run(model, positive, negative, vae, stream, settings, sink, origin, stream_
         try:
             first = next(frames, None)
             if first is None:
-                if stream.stopped:
+                if stream.stopped or getattr(stream.reader, "ended_idle", None):
                     return None, False
                 raise ValueError(f"no frames left from the {origin.source} after skipping "
                                  f"{plural(stream.pick.skip_first, 'frame')} ({every_nth(stream.pick.every_nth)} "
@@ -199,6 +220,9 @@ def _outputs(sink: LoopSink, stream: FrameStream, reader, pick: FramePick, inter
     elif stream.stopped:
         notes.append("stopped with the Stop button" + ("" if sink.frames else " before the first frame: nothing "
                                                         "written"))
+    elif getattr(reader, "ended_idle", None):
+        notes.append(f"no frame for {reader.ended_idle:g} s: ended by idle_timeout (the page was closed without "
+                     f"Stop, or the camera stopped)")
     elif not (pick.max_frames and stream.read >= pick.max_frames):
         short = shortfall(reader, stream.read, pick.skip_first, pick.every_nth)
         if short:
@@ -206,7 +230,8 @@ def _outputs(sink: LoopSink, stream: FrameStream, reader, pick: FramePick, inter
             notes.append(f"WARNING: {short}")
     if report is not None and report.reused:
         notes.append(f"the similarity filter reused the previous output for {plural(report.reused, 'frame')}")
-    notes += [t for t in (drops_text(sink.session), _skipped_text(reader), _rescaled_text(stream)) if t]
+    notes += [t for t in (drops_text(sink.session), _skipped_text(reader), _rescaled_text(stream),
+                          sink.recording_text()) if t]
     notes += steering_notes
     if sink.frames:
         h, w = sink.size

@@ -1,15 +1,16 @@
 """The loop's HTTP routes on ComfyUI's server: the browser webcam (one WebSocket per browser, plain HTTP for
 other clients), stop and status of a run, and live steering of a running loop (any source).
 
-GET  /streamv2v/webcam/{session}/ws      WebSocket (what the node's "Start webcam" uses):
+GET  /streamv2v/webcam/{session}/ws      WebSocket (what the node's panel uses):
      browser -> server  binary: 8-byte little-endian float64 stamp (the sender's clock, e.g. the capture
                         time in ms) + one encoded image (JPEG/PNG/WebP), sent after each "ready"
-                        text:   {"type": "stop"}
+                        text:   {"type": "stop"}; {"type": "camera", "fps": 30} (the camera's rate: the default
+                                frame rate of the live recording)
      server -> browser  text:   {"type": "ready"}: the loop took the last frame (or started), send the next now
-                        binary: the stamp of the source frame + the restyled frame as JPEG, as each finishes
-                                (newest first: a slow reader skips older ones)
+                        binary: the stamp of the source frame (the frame whose pixels it holds) + the restyled
+                                frame as JPEG, as each finishes (newest first: a slow reader skips older ones)
                         text:   {"type": "status", "running", "frames_in", "taken", "replaced", "dropped",
-                                 "frames_out", "idle_s"} twice a second
+                                 "frames_out", "idle_s", "idle_timeout", "writer"} twice a second
 POST /streamv2v/webcam/{session}/frame   body: one encoded image (Content-Type image/jpeg, png or webp, and
                                          the header X-StreamV2V-Client); optional header X-StreamV2V-Stamp
                                          -> {"accepted", "running", "frames_in"} (frames are kept only
@@ -18,7 +19,8 @@ GET  /streamv2v/webcam/{session}/output  newest restyled frame as image/jpeg (20
                                          headers X-StreamV2V-Frames (count), X-StreamV2V-Stamp
 POST /streamv2v/loop/{session}/stop      ask the loop of that session to finish (it keeps its MP4); JSON
 GET  /streamv2v/loop/{session}/status    {"running", "stopped", "frames_in", "taken", "replaced", "dropped",
-                                          "frames_out", "idle_s"}
+                                          "frames_out", "idle_s", "idle_timeout", "writer" ({"frames", "loop_ms":
+                                          time on the loop's thread in the sink, "waited_ms": for its writer})}
 
 POST /streamv2v/loop/{session}/params   JSON object with any of prompt, blend_frames, control_strength,
                                         ff_alpha, clear_bank (streamv2v_core/live/params.py says the rules)
@@ -28,8 +30,10 @@ POST /streamv2v/loop/{session}/params   JSON object with any of prompt, blend_fr
      404 {"error": ...}: no loop runs that session (no route creates one)
      413: a body over 64 KiB
 GET  /streamv2v/loop/{session}/params   {"running", "can", "current", "pending", "changes", "superseded",
-                                         "discarded", "problems", "log", "presets"}
+                                         "discarded", "problems", "log", "presets", "run" (counts the session's
+                                         loop runs), "in_effect" ({"frame", "prompt"}: the newest frame out)}
 POST/GET /streamv2v/loop/{session}/presets  the session's presets (preset_routes.py)
+GET  /streamv2v/stage/{session}[/mjpeg] the stage page and its MJPEG stream (stage.py)
 
 Session names are checked (400 with the rule); no route creates a session, so requests to names
 no loop runs cost no memory. Every route that changes state (frame, WebSocket, stop, params) takes
@@ -42,8 +46,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import struct
 import time
+from dataclasses import asdict
+from typing import Callable
+
 from aiohttp import WSMsgType, web
 
 from ...streamv2v_core.live.params import read_json
@@ -56,6 +64,7 @@ STAMP = struct.Struct("<d")
 STATUS_EVERY_S = 0.5
 REASK_S = 5.0  # a "ready" with no frame in answer for this long is sent again (e.g. the camera was not on yet)
 MAX_BODY = 64 * 1024  # a live change
+MIN_CAMERA_FPS, MAX_CAMERA_FPS = 1.0, 240.0  # a camera rate outside this is no camera's: ignored
 # What the status and params routes answer for a session no loop has run: a fresh session's own answers.
 _IDLE = BrowserSession("idle")
 
@@ -88,9 +97,9 @@ async def get_output(request: web.Request) -> web.Response:
     headers = {"X-StreamV2V-Frames": str(session.frames_out if session else 0), "Cache-Control": "no-store"}
     if output is None:
         return web.Response(status=204, headers=headers)
-    if output[1] is not None:
-        headers["X-StreamV2V-Stamp"] = repr(output[1])
-    return web.Response(body=output[0], content_type="image/jpeg", headers=headers)
+    if output.stamp is not None:
+        headers["X-StreamV2V-Stamp"] = repr(output.stamp)
+    return web.Response(body=output.jpeg, content_type="image/jpeg", headers=headers)
 
 
 async def post_stop(request: web.Request) -> web.Response:
@@ -115,6 +124,38 @@ async def webcam_socket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+class SessionFollower:
+    """Follows the session registered under ``name`` (none yet, or a new one a loop run made) for a coroutine on
+    the server's event loop: the session's events arrive on the loop's or the writer's thread and are handed to
+    ``on_event(event)`` on the event loop. ``follow()`` after every wake-up; ``close()`` at the end."""
+
+    def __init__(self, name: str, on_event: Callable[[str], None]):
+        self.name, self.on_event = name, on_event
+        self.loop = asyncio.get_running_loop()
+        self.session: BrowserSession | None = None
+        self._unsubscribe = None
+
+    def follow(self) -> bool:
+        """Listen to the session now registered under the name; True when it changed."""
+        session = SESSIONS.find(self.name)
+        if session is self.session:
+            return False
+        self.close()
+        self.session = session
+        if session is not None:
+            self._unsubscribe = session.listen(self._event)
+        return True
+
+    def _event(self, event: str) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is closing
+            self.loop.call_soon_threadsafe(self.on_event, event)
+
+    def close(self) -> None:
+        if self._unsubscribe:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+
 class _Link:
     """One browser's WebSocket to a session: frames in after each "ready", restyled frames out as they finish.
 
@@ -124,10 +165,8 @@ class _Link:
 
     def __init__(self, ws: web.WebSocketResponse, name: str):
         self.ws, self.name = ws, name
-        self.loop = asyncio.get_running_loop()
         self.wake = asyncio.Event()
-        self.session: BrowserSession | None = None
-        self.unsubscribe = None
+        self.follower = SessionFollower(name, self._flag)
         self.ready_due = False
         self.sent_out = 0
         self.asked_at: float | None = None  # when the last "ready" went out that no frame answered yet
@@ -140,7 +179,8 @@ class _Link:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), STATUS_EVERY_S)
                 self.wake.clear()
-                self._follow(SESSIONS.find(self.name))
+                if self.follower.follow():  # a new session: its frames count afresh, and it wants one
+                    self.sent_out, self.ready_due = 0, self.session is not None
                 await self._send_output()
                 await self._send_ready()
                 now = time.monotonic()
@@ -152,24 +192,11 @@ class _Link:
             pass  # the browser went away mid-send
         finally:
             receiver.cancel()
-            if self.unsubscribe:
-                self.unsubscribe()
+            self.follower.close()
 
-    def _follow(self, session: BrowserSession | None) -> None:
-        """Listen to the session now registered under the name (a loop run may have made a new one)."""
-        if session is self.session:
-            return
-        if self.unsubscribe:
-            self.unsubscribe()
-        self.session, self.unsubscribe, self.sent_out = session, None, 0
-        if session is not None:
-            self.unsubscribe = session.listen(self._on_event)
-            self.ready_due = True
-
-    def _on_event(self, event: str) -> None:
-        """Called on the loop's thread (or ours): hand over to the event loop."""
-        with contextlib.suppress(RuntimeError):  # the event loop is closing
-            self.loop.call_soon_threadsafe(self._flag, event)
+    @property
+    def session(self) -> BrowserSession | None:
+        return self.follower.session
 
     def _flag(self, event: str) -> None:
         if event in ("taken", "started"):
@@ -178,11 +205,11 @@ class _Link:
 
     async def _send_output(self) -> None:
         session = self.session
-        if session is None or session.output is None or session.frames_out == self.sent_out:
+        output = session.output if session is not None else None
+        if output is None or output.number == self.sent_out:
             return
-        self.sent_out = session.frames_out
-        data, stamp = session.output
-        await self.ws.send_bytes(STAMP.pack(float("nan") if stamp is None else stamp) + data)
+        self.sent_out = output.number
+        await self.ws.send_bytes(STAMP.pack(float("nan") if output.stamp is None else output.stamp) + output.jpeg)
 
     async def _send_ready(self) -> None:
         session = self.session
@@ -206,13 +233,20 @@ class _Link:
                 if session is not None:
                     session.offer(bytes(data[STAMP.size:]), stamp)
             elif message.type == WSMsgType.TEXT:
-                with contextlib.suppress(ValueError, AttributeError, RecursionError):  # junk text is ignored
-                    if json.loads(message.data).get("type") == "stop":
-                        session = SESSIONS.find(self.name)
-                        if session is not None:
-                            session.stop()
+                with contextlib.suppress(ValueError, AttributeError, TypeError, RecursionError):  # junk is ignored
+                    self._on_text(json.loads(message.data))
             elif message.type == WSMsgType.ERROR:
                 return
+
+    def _on_text(self, message: dict) -> None:
+        session = SESSIONS.find(self.name)
+        if session is None:
+            return
+        if message.get("type") == "stop":
+            session.stop()
+        elif message.get("type") == "camera":  # the sender's camera rate: a live recording's default grid
+            fps = float(message.get("fps"))
+            session.camera_fps = fps if math.isfinite(fps) and MIN_CAMERA_FPS <= fps <= MAX_CAMERA_FPS else None
 
 
 def _error(status: int, text: str) -> web.Response:
@@ -254,7 +288,10 @@ async def get_params(request: web.Request) -> web.Response:
 
 
 def add_loop_routes(routes: web.RouteTableDef) -> None:
-    """The loop's routes (webcam link, stop, status, live params) on ComfyUI's route table."""
+    """The loop's routes (webcam link, stop, status, live params, presets, the stage) on ComfyUI's route table."""
+    from .preset_routes import add_preset_routes  # here: both build on this module's helpers
+    from .stage import add_stage_routes
+
     routes.get("/streamv2v/webcam/{session}/ws")(guarded("none")(webcam_socket))  # frames in, stop: guarded
     routes.post("/streamv2v/webcam/{session}/frame")(guarded("image")(post_frame))
     routes.get("/streamv2v/webcam/{session}/output")(get_output)
@@ -262,6 +299,5 @@ def add_loop_routes(routes: web.RouteTableDef) -> None:
     routes.get("/streamv2v/loop/{session}/status")(get_status)
     routes.post("/streamv2v/loop/{session}/params")(guarded("json")(post_params))
     routes.get("/streamv2v/loop/{session}/params")(get_params)
-    from .preset_routes import add_preset_routes  # it builds on this module's helpers
-
+    add_stage_routes(routes)
     add_preset_routes(routes)

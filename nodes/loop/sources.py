@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Iterable, Iterator
@@ -50,15 +51,16 @@ class SourceChoice:
     source: str = VIDEO_FILE
     file: str = ""
     camera_index: int = 0
-    fps: float = 0.0  # for image folders
+    fps: float = 0.0  # the MP4's rate for sources without their own (image folders) and for live recordings
 
     def open(self, video: Any = None, session: BrowserSession | None = None, sizer: StreamSizer | None = None,
-             status: NodeStatus | None = None, record=None):
+             status: NodeStatus | None = None, record=None, idle_timeout: float = 0.0):
         """An open reader (``streamv2v_core.media.video_io`` protocol); errors before any work.
 
         A connected ``video`` is the source when ``source`` is "video file"; the browser
-        source reads ``session`` and needs the stream's ``sizer`` and the node's ``status`` (``record``: gets
-        every frame it uses, as it came: a take); a take is read back with the stream's ``sizer``.
+        source reads ``session``, needs the stream's ``sizer`` and the node's ``status`` (``record``: gets
+        every frame it uses, as it came: a take), and ends after ``idle_timeout`` seconds without a frame
+        (0: never); a take is read back with the stream's ``sizer``.
         """
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
@@ -75,17 +77,38 @@ class SourceChoice:
             return CameraSource(self.camera_index)
         if self.source == TAKE:
             return TakeSource(open_take(self.file), sizer.hint)
-        return BrowserSource(session, sizer, status, record)
+        return BrowserSource(session, sizer, status, record, idle_timeout)
 
-    def rate(self, reader, every_nth: int) -> Fraction | None:
-        """The MP4's frame rate: the source's (over ``every_nth``), the image folder's, or None (wall clock)."""
-        if self.source == IMAGE_FOLDER and reader.fps is None:
-            return Fraction(self.fps or 24).limit_denominator(1001)
-        return Fraction(reader.fps) / every_nth if reader.fps else None
+    @property
+    def live(self) -> bool:
+        return self.source in LIVE_SOURCES
+
+    @property
+    def timed(self) -> bool:
+        """Whether frames carry the time they were captured (live sources, and a take re-rendered): the MP4 then
+        places them at those times on a constant-rate grid."""
+        return self.live or self.source == TAKE
+
+    def rate(self, reader, every_nth: int, camera_fps: float | None = None) -> Fraction:
+        """The MP4's frame rate: ``fps`` when set for an image folder or a timed source; else the source's (over
+        ``every_nth``), a live camera's own (``camera_fps``: what the browser said), or 24 (image folder) / 30."""
+        if self.fps and (self.timed or (self.source == IMAGE_FOLDER and reader.fps is None)):
+            return Fraction(self.fps).limit_denominator(1001)
+        if reader.fps:
+            return Fraction(reader.fps).limit_denominator(1001) / (1 if self.timed else every_nth)
+        if camera_fps:
+            return Fraction(camera_fps).limit_denominator(1001)
+        return Fraction(30 if self.timed else 24)
+
+
+class _NoFrames(Exception):
+    """The browser sent no frame for ``idle_timeout`` seconds."""
 
 
 class BrowserSource:
-    """The browser webcam of a session as a reader: yields ``Frame``s (with their stamps) until Stop.
+    """The browser webcam of a session as a reader: yields ``Frame``s (with their stamps) until Stop, or until
+    no frame came for ``idle_timeout`` seconds (0: wait for ever; ``ended_idle`` then says how long it waited):
+    a page closed without Stop must not hold ComfyUI's queue.
 
     While no frame comes it says so on the node (``status``, the node's NodeStatus) instead of
     hanging silently, and honours Cancel.
@@ -95,22 +118,34 @@ class BrowserSource:
     total_exact = False
     name = "browser webcam"
 
-    def __init__(self, session: BrowserSession, sizer: StreamSizer, status: NodeStatus, record=None):
+    def __init__(self, session: BrowserSession, sizer: StreamSizer, status: NodeStatus, record=None,
+                 idle_timeout: float = 0.0):
         self.session, self.sizer, self.status, self.record = session, sizer, status, record
+        self.idle_timeout = float(idle_timeout)
         self.said = 0
+        self.ended_idle: float | None = None
 
     def audio(self, skip_seconds: float = 0.0) -> None:
         return None
 
     def __iter__(self) -> Iterator[Frame]:
-        return live_frames(self.session, self.sizer.hint, self._idle, record=self.record)
+        try:
+            yield from live_frames(self.session, self.sizer.hint, self._idle, record=self.record)
+        except _NoFrames:
+            return
 
     def _idle(self, seconds: float) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
+        if self.idle_timeout and seconds >= self.idle_timeout:
+            self.ended_idle = self.idle_timeout
+            log.info("StreamV2V session %r: no frame for %g s: the loop ends (idle_timeout)", self.session.name,
+                     self.idle_timeout)
+            raise _NoFrames()
         if seconds >= 2.0 and int(seconds) != self.said:  # about once a second
             self.said = int(seconds)
-            self.status.say(f"waiting for webcam frames: none for {seconds:.0f} s (press 'Start webcam' on the "
-                              f"node, or Stop)")
+            ends = f"; the loop ends at {self.idle_timeout:g} s" if self.idle_timeout else ""
+            self.status.say(f"waiting for webcam frames: none for {seconds:.0f} s (press ● Start on the node's "
+                            f"panel, or Stop{ends})")
 
     def close(self) -> None:
         pass
@@ -120,12 +155,13 @@ class FrameStream:
     """The frames a loop runs on: picked, sized, checked for cancel and Stop between frames.
 
     Iterate it once; it yields ``Frame``s of the stream's size (a live source's frames keep their
-    stamps and arrival times). Afterwards ``read`` (frames given) and ``stopped`` (Stop pressed)
-    say how it ended.
+    stamps and arrival times; ``live``: frames without one are stamped with their arrival here, e.g. a
+    server camera's). Afterwards ``read`` (frames given) and ``stopped`` (Stop pressed) say how it ended.
     """
 
-    def __init__(self, reader: Iterable, pick: FramePick, sizer: StreamSizer, session: BrowserSession):
-        self.reader, self.pick, self.sizer, self.session = reader, pick, sizer, session
+    def __init__(self, reader: Iterable, pick: FramePick, sizer: StreamSizer, session: BrowserSession,
+                 live: bool = False):
+        self.reader, self.pick, self.sizer, self.session, self.live = reader, pick, sizer, session, live
         self.read = 0
         self.stopped = False
 
@@ -133,6 +169,8 @@ class FrameStream:
         p = self.pick
         for item in select_frames(self._until_stopped(), p.skip_first, p.every_nth, p.max_frames):
             frame = item if isinstance(item, Frame) else Frame(item)
+            if self.live and frame.received_at is None:
+                frame = replace(frame, received_at=time.monotonic())
             self.read += 1
             yield replace(frame, image=self.sizer(frame.image))
 

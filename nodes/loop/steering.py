@@ -90,13 +90,17 @@ def steering_inputs() -> list:
     ]
 
 
+def fusion_patches(model) -> list[FeatureFusion]:
+    """The model's Feature Fusion patches."""
+    patches = model.model_options.get("transformer_options", {}).get("patches", {})
+    return [p for group in patches.values() for p in group if isinstance(p, FeatureFusion)]
+
+
 def capabilities(model, positive: list, clip, guidance: str = FULL) -> Capabilities:
     """What live steering can change in this run."""
-    patches = model.model_options.get("transformer_options", {}).get("patches", {})
-    fusion = any(isinstance(p, FeatureFusion) for group in patches.values() for p in group)
     control = any(entry[1].get("control") is not None for entry in positive)
-    return Capabilities(clip=clip is not None, control=control, fusion=fusion, bank=bool(banks_of(model)),
-                        residual=guidance != FULL)
+    return Capabilities(clip=clip is not None, control=control, fusion=bool(fusion_patches(model)),
+                        bank=bool(banks_of(model)), residual=guidance != FULL)
 
 
 def check_choice(choice: SteeringChoice, can: Capabilities, hint_video=None) -> list:
@@ -132,9 +136,11 @@ class PromptTrack:
         self.encodes = 0
         self._keyframe_cache: collections.OrderedDict[int, list] = collections.OrderedDict()
         self._live: tuple[list, list, int] | None = None  # (from entry, to entry, frame the blend starts)
+        self._live_words: tuple[str, str] = ("", "")  # (what the last frame had, the new prompt), in words
         self._last_entry: list | None = None
         self._last_positive: list | None = None
         self.problems: list[str] = []  # keyframes that could not be encoded (the steering reports and empties it)
+        self._last_words: str | None = None
 
     def encode(self, text: str) -> list:
         """One CLIP encode (as core CLIPTextEncode): the first entry ``[tokens [1, T, C], options]``;
@@ -156,6 +162,28 @@ class PromptTrack:
         """From ``frame`` on, blend from what the last frame had to ``text`` over ``blend_frames`` frames
         (``PromptNotEncoded``: nothing changes)."""
         self._live = (self._last_entry or self._own_entry(), self.encode(text), frame)
+        self._live_words = (self._last_words or "the workflow's own prompt", _quoted(text))
+
+    def words_for(self, frame: int) -> str | None:
+        """Frame ``frame``'s prompt in words, for the panel ("keyframe 120: 'oil painting'"); None: the run's own."""
+        if self._live is not None:
+            before, after = self._live_words
+            weight = self._live_weight(frame)
+            words = after if weight >= 1.0 else f"{before} → {after} ({weight:.0%})"
+        elif self.keyframes:
+            i, j, weight = blend_position(self.keyframes, frame)
+            a, b = self.keyframes[i], self.keyframes[j]
+            words = f"keyframe {a.frame}: {_quoted(a.text)}" if weight == 0 else \
+                f"keyframe {a.frame} {_quoted(a.text)} → {b.frame} {_quoted(b.text)} ({weight:.0%})"
+        else:
+            return None
+        self._last_words = words
+        return words
+
+    def _live_weight(self, frame: int) -> float:
+        """How far the live prompt's blend is at ``frame`` (1: done)."""
+        first = self._live[2]
+        return (frame - first + 1) / self.blend_frames if self.blend_frames > 1 else 1.0
 
     def positive_for(self, frame: int) -> list | None:
         """Frame ``frame``'s positive (the same list while the text does not change), or None: the run's own."""
@@ -170,8 +198,8 @@ class PromptTrack:
 
     def _entry_for(self, frame: int) -> list | None:
         if self._live is not None:
-            start, target, first = self._live
-            weight = (frame - first + 1) / self.blend_frames if self.blend_frames > 1 else 1.0
+            start, target, _ = self._live
+            weight = self._live_weight(frame)
             return target if weight >= 1.0 else blend_entry(start, target, weight)
         if not self.keyframes:
             return None
@@ -195,6 +223,10 @@ class PromptTrack:
         tokens, options = self.positive[0]
         pooled = options.get("pooled_output")
         return [tokens[:1], {"pooled_output": pooled[:1]} if isinstance(pooled, torch.Tensor) else {}]
+
+
+def _quoted(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit - 3] + "...")
 
 
 def _text_options(options: dict) -> dict:
@@ -283,6 +315,8 @@ class FrameSteering:
         self.recorder = None  # a live take being recorded (live.take.TakeRecorder)
         self.hints = HintSource(choice.control_hint, open_hint_reader(choice, hint_video), skip_first, every_nth)
         self.control_scale, self.fusion_alpha = 1.0, None
+        fusions = fusion_patches(model)
+        self.own_alpha = fusions[0].alpha if fusions else None  # what FF alpha is until a live change
         self.live_prompt: str | None = None
         self.frames = 0
         self.steered = False  # a live change set a strength: every later frame carries it
@@ -295,7 +329,8 @@ class FrameSteering:
         """The live values now (the panel shows them after a reload)."""
         s = self.sampling
         return {"blend_frames": self.prompt.blend_frames, "control_strength": self.control_scale,
-                "ff_alpha": self.fusion_alpha, "prompt": self.live_prompt, "negative_prompt": self.live_negative,
+                "ff_alpha": self.fusion_alpha if self.fusion_alpha is not None else self.own_alpha,
+                "prompt": self.live_prompt, "negative_prompt": self.live_negative,
                 "seed": s.seed_to, "strength": s.strength, "cfg": s.cfg, "residual_delta": s.residual_delta}
 
     def __call__(self, entering: Frame):
@@ -314,7 +349,7 @@ class FrameSteering:
             return None
         return FrameConditioning(positive=positive, negative=negative, hint=hint, control_scale=self.control_scale,
                                  fusion_alpha=self.fusion_alpha, strength=s.strength, seed=seed, cfg=s.cfg,
-                                 residual_delta=s.residual_delta)
+                                 residual_delta=s.residual_delta, label=self.prompt.words_for(frame))
 
     def _changes(self, frame: int) -> list[Change]:
         """The changes applied at ``frame``: a take's recorded ones, or what the session has waiting."""

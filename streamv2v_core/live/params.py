@@ -259,7 +259,8 @@ def read_json(data: bytes):
 
 
 class LiveParams:
-    """A session's live steering: the pending change (from any surface) and the log (from the loop)."""
+    """A session's live steering: the pending change (from any surface), the log (from the loop) and the prompt
+    in effect on the newest frame out (from the sink)."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -274,6 +275,8 @@ class LiveParams:
         self.problems = 0    # changes the loop could not apply, frames it could not use (each one logged)
         self.current: dict = {}
         self.presets: list[dict | None] = []  # kept across runs: the workflow's snapshots (``set_presets``)
+        self.run_number = 0  # counts the loop runs on this session: a panel starts a new run from the server's values
+        self.in_effect: dict | None = None  # {"frame", "prompt"} of the newest frame out
 
     def begin(self, can: Capabilities, current: dict) -> None:
         """A loop starts on this session: forget the previous run's changes."""
@@ -282,6 +285,13 @@ class LiveParams:
             self._pending, self._superseded, self._taken_superseded = None, [], []
             self.log.clear()
             self.changes = self.superseded = self.discarded = self.problems = 0
+            self.run_number += 1
+            self.in_effect = None
+
+    def shown(self, frame: int, prompt: str) -> None:
+        """The frame ``frame`` that just left the stream was made with ``prompt`` (a text saying which)."""
+        with self._lock:
+            self.in_effect = {"frame": frame, "prompt": prompt}
 
     def end(self) -> None:
         """The loop ended: a change no frame took is logged and counted as discarded."""
@@ -342,11 +352,13 @@ class LiveParams:
             self.problems += 1
 
     def status(self) -> dict:
-        """JSON-ready: running, current values, pending, counters, the log (newest last)."""
+        """JSON-ready: running, current values, pending, counters, the log (newest last), the presets stored, the
+        run's number and the prompt in effect on the newest frame out."""
         with self._lock:
             return {"running": self.capabilities is not None,
                     "can": asdict(self.capabilities) if self.capabilities else None,
                     "current": dict(self.current), "pending": int(self._pending is not None),
                     "changes": self.changes, "superseded": self.superseded, "discarded": self.discarded,
                     "problems": self.problems, "log": [dict(entry) for entry in self.log],
-                    "presets": [number for number, p in enumerate(self.presets, 1) if p]}
+                    "presets": [number for number, p in enumerate(self.presets, 1) if p],
+                    "run": self.run_number, "in_effect": dict(self.in_effect) if self.in_effect else None}

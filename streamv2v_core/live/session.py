@@ -20,7 +20,7 @@ import logging
 import re
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import cv2
 import numpy as np
@@ -93,6 +93,15 @@ def encode_jpeg(pixels: np.ndarray, quality: int = 85) -> bytes:
     return data.tobytes()
 
 
+class Published(NamedTuple):
+    """A restyled frame as viewers get it: JPEG bytes, the capture stamp of its source frame, its number in the
+    take (1 = the first frame out)."""
+
+    jpeg: bytes
+    stamp: float | None
+    number: int
+
+
 class BrowserSession:
     """One named link between browsers and a running loop (see the module docstring)."""
 
@@ -108,7 +117,11 @@ class BrowserSession:
         self.taken = 0          # frames the loop took (good or not)
         self.dropped = collections.Counter()  # frames the loop took but could not use, by reason
         self.frames_out = 0
-        self.output: tuple[bytes, float | None] | None = None  # newest restyled frame (JPEG) and its stamp
+        self.output: Published | None = None  # newest restyled frame (JPEG), its source's stamp, its number
+        self.idle_timeout = 0.0  # the running loop ends after this many seconds without a frame (0: never)
+        self.camera_fps: float | None = None  # the sender's camera rate, if it said (a live recording's default)
+        self.prompt_id: str | None = None  # the prompt whose loop started the last take (one take a session)
+        self.writer: dict = {}  # the loop's sink: frames, ms on the loop's thread, ms waited for its writer
         self.last_frame_at: float | None = None
         self.started_at: float | None = None
         self.used_at = time.monotonic()
@@ -158,16 +171,21 @@ class BrowserSession:
         return {"running": self.running, "stopped": self.stopped, "frames_in": self.frames_in,
                 "replaced": self.replaced, "taken": self.taken, "dropped": dict(self.dropped),
                 "frames_out": self.frames_out,
-                "idle_s": round(now - since, 1) if self.running and since is not None else None}
+                "idle_s": round(now - since, 1) if self.running and since is not None else None,
+                "idle_timeout": self.idle_timeout if self.running else None, "writer": dict(self.writer)}
 
     # ------------------------------------------------------------------ the loop's side
-    def start(self) -> None:
-        """Called by the loop when it starts: forget an old frame and an old stop request."""
+    def start(self, idle_timeout: float = 0.0, prompt_id: str | None = None) -> None:
+        """Called by the loop when it starts: forget an old frame and an old stop request. ``idle_timeout``: the
+        seconds without a frame after which the loop ends (for the status: the loop's source ends it);
+        ``prompt_id``: the ComfyUI prompt running the loop."""
         with self._ready:
+            self.idle_timeout, self.prompt_id = float(idle_timeout), prompt_id
             self._waiting = None
             self.stopped = False
             self.running = True
             self.frames_out = self.taken = self.frames_in = self.replaced = 0
+            self.writer = {}
             self.dropped.clear()
             self.last_frame_at = None
             self.started_at = self.used_at = time.monotonic()
@@ -205,12 +223,20 @@ class BrowserSession:
         return time.monotonic() - since
 
     def publish(self, pixels: np.ndarray, stamp: float | None = None) -> None:
-        """Keep ``pixels`` (uint8 ``[H, W, 3]``) as the newest restyled frame, with the stamp of its source frame."""
+        """Keep ``pixels`` (uint8 ``[H, W, 3]``) as the newest restyled frame, with the stamp of its source frame.
+
+        Called on the loop's writer thread (JPEG encoding off the stream's thread); viewers and the browser link
+        read ``output``, the newest only."""
         data = encode_jpeg(pixels)
         with self._ready:
-            self.output = (data, stamp)
             self.frames_out += 1
+            self.output = Published(data, stamp, self.frames_out)
         self._tell("output")
+
+    def watched(self) -> bool:
+        """Whether anyone listens (a browser link, a stage viewer): publishing then has a reader."""
+        with self._ready:
+            return bool(self._listeners)
 
     def _tell(self, event: str) -> None:
         with self._ready:

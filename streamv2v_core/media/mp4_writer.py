@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -52,27 +51,28 @@ class Mp4Writer:
     arrives without look-ahead, so if the process dies, all but the last second stays
     playable; ``close()`` (also on cancel or error) keeps every frame. (A fragment per frame
     would lose less on a crash, but ffmpeg's MP4 muxer then shifts the audio packet that
-    opens each fragment onto its successor's time, dropping audio.) ``fps``: a Fraction for a
-    constant frame rate, or None to stamp frames with the wall clock (live sources).
+    opens each fragment onto its successor's time, dropping audio.) ``fps``: the constant frame
+    rate; frame i is shown at i / fps (a live recording places its frames on that grid first:
+    ``frame_grid.FrameGrid``).
     ``audio``: an ``AudioFile`` (remuxed when MP4 can hold its codec, else re-encoded to AAC)
     or ``AudioSamples`` (encoded to AAC), as long as the video written so far.
     """
 
-    def __init__(self, path: str, width: int, height: int, fps: Fraction | None,
+    def __init__(self, path: str, width: int, height: int, fps: Fraction | float,
                  audio: AudioFile | AudioSamples | None = None, crf: int = 18):
+        if not fps or fps <= 0:
+            raise ValueError(f"an MP4 needs a positive frame rate, got {fps!r}")
         self.path, self.width, self.height = path, width, height
-        self.fps = Fraction(fps) if fps else None
+        self.fps = Fraction(fps)
         self.frames = 0
-        self._clock_start: float | None = None
-        self._last_pts = -1
-        gop = max(1, round(float(self.fps))) if self.fps else 30
+        gop = max(1, round(float(self.fps)))
         self.container = av.open(path, mode="w", format="mp4",
                                  container_options={"movflags": "frag_keyframe+empty_moov+default_base_moof",
                                                     "flush_packets": "1"})
         try:
-            self.video = self.container.add_stream("libx264", rate=self.fps or 30)
+            self.video = self.container.add_stream("libx264", rate=self.fps)
             self.video.width, self.video.height, self.video.pix_fmt = width, height, "yuv420p"
-            self._time_base = (1 / self.fps) if self.fps else Fraction(1, 1000)
+            self._time_base = 1 / self.fps
             self.video.codec_context.time_base = self._time_base
             self.video.options = {"preset": "veryfast", "tune": "zerolatency", "crf": str(crf), "g": str(gop)}
             self._audio = _open_audio(self.container, audio)
@@ -80,39 +80,24 @@ class Mp4Writer:
             self.container.close()
             raise
 
-    def write(self, image: torch.Tensor | np.ndarray, at_ms: int | None = None) -> None:
-        """Encode ``image [height, width, 3]`` (float in 0..1, or uint8 pixels) and mux it (and the audio up to
-        its end). ``at_ms``: with the wall clock (no ``fps``), the frame's time in ms from the first instead
-        of the clock's (a take re-rendered keeps the live take's times)."""
+    def write(self, image: torch.Tensor | np.ndarray) -> None:
+        """Encode ``image [height, width, 3]`` (float in 0..1, or uint8 pixels) as the next frame and mux it (and
+        the audio up to its end)."""
         if tuple(image.shape[:2]) != (self.height, self.width):
             raise ValueError(f"frame is {image.shape[1]}x{image.shape[0]}, the MP4 is {self.width}x{self.height}")
         pixels = image if isinstance(image, np.ndarray) else to_uint8(image)
         frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-        if self.fps:
-            frame.pts = self.frames
-        else:
-            now = time.monotonic()
-            self._clock_start = now if self._clock_start is None else self._clock_start
-            at = round((now - self._clock_start) * 1000) if at_ms is None else int(at_ms)
-            frame.pts = max(self._last_pts + 1, at)
+        frame.pts = self.frames
         frame.time_base = self._time_base
-        self._last_pts = frame.pts
         for packet in self.video.encode(frame):
             self.container.mux(packet)
         self.frames += 1
         if self._audio:
             self._audio.copy_until(self.duration())
 
-    @property
-    def last_ms(self) -> int | None:
-        """The time (ms) of the last frame written with the wall clock (None with a frame rate, or none yet)."""
-        return None if self.fps or not self.frames else self._last_pts
-
     def duration(self) -> float:
         """Seconds of video written (end of the last frame)."""
-        if self.fps:
-            return self.frames / float(self.fps)
-        return (self._last_pts + 1) / 1000.0 if self.frames else 0.0
+        return self.frames / float(self.fps)
 
     def close(self) -> None:
         """Flush the encoder, write the rest of the audio span, close the file (safe to call twice)."""

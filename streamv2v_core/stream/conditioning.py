@@ -32,6 +32,8 @@ class FrameConditioning:
     strength: the frame's own SDEdit strength (its own timesteps; the frames in flight keep theirs).
     seed: the frame's noise: a seed, or a ``noise.SeedBlend`` of two (a live seed change blended in).
     cfg, residual_delta: the frame's own guidance scale and residual delta.
+    label: what the frame's prompt is, in words ("'oil painting'", "keyframe 120: 'oil painting'"), for the
+    performer's panel when the frame is shown; the engine never reads it.
     """
 
     positive: list | None = None
@@ -43,6 +45,7 @@ class FrameConditioning:
     seed: object = None  # int | SeedBlend | None
     cfg: float | None = None
     residual_delta: float | None = None
+    label: str | None = None
 
 
 @dataclass(frozen=True)

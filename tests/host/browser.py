@@ -4,7 +4,8 @@
         asyncio.run(drive(chrome))
 
     async def drive(chrome):
-        async with chrome.page() as cdp:
+        tab = chrome.open_tab(other_url)                      # a second tab: chrome.page(tab) drives it
+        async with chrome.page() as cdp:                      # the first tab (the one opened on ``url``)
             await cdp.wait_for("!!window.app")
             await cdp.js("1 + 1")
             await cdp.screenshot(path)
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 
 from host.server import free_port
@@ -119,22 +121,44 @@ class Chromium:
         shutil.rmtree(self.profile, ignore_errors=True)
         return False
 
-    def page_ws_url(self, timeout=30.0):
+    def _devtools(self, path, method="GET"):
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method)
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read() or b"null")
+
+    def page_ws_url(self, target=None, timeout=30.0):
+        """The DevTools URL of tab ``target`` (an id from ``open_tab``), or of the first tab (the one on ``url``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json/list", timeout=5) as response:
-                    pages = [t for t in json.loads(response.read()) if t.get("type") == "page"]
-                if pages:
-                    return pages[0]["webSocketDebuggerUrl"]
+                pages = [t for t in self._devtools("/json/list") if t.get("type") == "page"]
+                if target is None and pages:
+                    self.first_tab = getattr(self, "first_tab", None) or pages[-1]["id"]  # newest tabs list first
+                    target = self.first_tab
+                for page in pages:
+                    if page["id"] == target:
+                        return page["webSocketDebuggerUrl"]
             except OSError:
                 pass
             time.sleep(0.3)
-        raise TimeoutError("chromium did not open its DevTools port")
+        raise TimeoutError("chromium did not open its DevTools port (or the tab is gone)")
+
+    def open_tab(self, url) -> str:
+        """Open ``url`` in a new tab; returns its target id (for ``page`` and ``close_tab``)."""
+        self.page_ws_url()  # remember the first tab before there are two
+        return self._devtools(f"/json/new?{urllib.parse.quote(url, safe='')}", method="PUT")["id"]
+
+    def close_tab(self, target=None) -> None:
+        """Close a tab as a user would (no beforeunload dialog): ``target`` or the first tab."""
+        target = target or getattr(self, "first_tab", None)
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/close/{target}")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            response.read()
 
     @contextlib.asynccontextmanager
-    async def page(self):
+    async def page(self, target=None):
         import aiohttp
 
-        async with aiohttp.ClientSession() as http, http.ws_connect(self.page_ws_url(), max_msg_size=0) as ws:
+        async with aiohttp.ClientSession() as http, \
+                http.ws_connect(self.page_ws_url(target), max_msg_size=0) as ws:
             yield Cdp(ws)

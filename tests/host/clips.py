@@ -56,3 +56,4 @@ def read_back(path):
             audio_rate = c.streams.audio[0].sample_rate
             samples = np.concatenate([f.to_ndarray()[0] for f in c.decode(audio=0)])
     return frames, rate, samples, audio_rate
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import time
 
 FAKE_CAMERA = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 READY = "!!(window.app && window.app.graph && window.LiteGraph && LiteGraph.registered_node_types['StreamV2VLoop'])"
@@ -21,6 +22,18 @@ SHOW_NODE = """((name) => {
     app.ui.settings.setSettingValue?.('LiteGraph.Canvas.MinFontSizeForLOD', 0);
     app.graph.setDirtyCanvas(true, true);
     return true; })"""
+
+
+async def wait_ready(cdp, expression: str = READY, timeout: float = 120.0):
+    """Wait for the page, also while it is still navigating or reloading (an evaluate then fails: try again)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await cdp.wait_for(expression, timeout=max(1.0, deadline - time.monotonic()))
+        except RuntimeError:  # "Inspected target navigated or closed"
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1.0)
 
 
 async def add_webcam_node(cdp, node_type: str, widgets: dict, name: str) -> None:

@@ -33,6 +33,7 @@ DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"  # ComfyUI 0.38: a combo whose choice br
 TINY = {"class_type": "TinyCheckpointLoader", "inputs": {"kind": "sd15", "seed": 0, "vae": "taesd"}}
 TINY_SWAPS = {
     "CheckpointLoaderSimple": TINY,
+    "StreamV2VToyModel": TINY,  # same outputs; keeps one tiny checkpoint in ComfyUI's cache for the workflows after
     "VAELoader": {**TINY, "outputs": {0: 2}},
     "LoraLoaderModelOnly": {"bypass": {0: "model"}},
     "ControlNetLoader": {"class_type": "TinyControlNetLoader", "inputs": {"seed": 0, "record": False}},
