@@ -103,11 +103,6 @@ class Registry(Generic[Value]):
                 self._make_room()
             self._items[name] = value
 
-    def pop(self, name: str) -> Value | None:
-        """Take ``name`` out without closing it (the caller now owns it)."""
-        with self.lock:
-            return self._items.pop(name, None)
-
     def remove(self, name: str) -> bool:
         """Drop and close ``name``; whether it was there."""
         with self.lock:

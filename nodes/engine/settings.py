@@ -51,8 +51,12 @@ class StreamSettings:
 
     @property
     def residual(self) -> bool:
-        """Residual CFG is in use: guidance above 1 with a virtual negative (one UNet pass per row)."""
-        return self.guidance != FULL and float(self.cfg) != 1.0
+        """Residual CFG is in use: guidance above 1 with a virtual negative (one UNet pass per row).
+
+        At cfg 1 or below a residual guidance runs the positive prompt alone, as StreamDiffusion does (it
+        guides only above 1): below 1 the virtual negative would pull each frame towards its own input
+        (self-negative) or its negative estimate, which is what strength already sets, at no saving."""
+        return self.guidance != FULL and float(self.cfg) > 1.0
 
 
 # --------------------------------------------------------------------------- input checks
