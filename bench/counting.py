@@ -119,3 +119,11 @@ def _moves(args, kwargs) -> bool:
     targets = [v for v in list(args[1:]) + [kwargs.get("device")] if isinstance(v, (str, torch.device))]
     targets += [v.device for v in args[1:] if isinstance(v, torch.Tensor)]
     return any(torch.device(t).type != source.device.type for t in targets)
+
+
+@contextlib.contextmanager
+def counting():
+    """``with counting() as (ops, syncs): ...`` counts everything run inside."""
+    ops, syncs = OpCounter(), SyncCounter()
+    with syncs, ops:
+        yield ops, syncs
