@@ -122,6 +122,13 @@ class RunConditioning:
             self._apply_own(rows, own)
         return rows
 
+    def template_rows(self) -> FrameRows:
+        """The run's own first rows (no frame's): the conditioning of calls whose rows are all padding."""
+        rows = FrameRows()
+        rows.refs = {key: RowRef(tensor, 0) for key, tensor in self.keys.items()}
+        rows.hints = {k: RowRef(hint if hint.shape[0] == 1 else self.upload(hint[:1]), 0) for k, hint in self.hints.items()}
+        return rows
+
     def _apply_own(self, rows: FrameRows, own: FrameConditioning) -> None:
         for side, conditioning in zip(SIDES, (own.positive, own.negative)):
             if conditioning is None:

@@ -55,7 +55,7 @@ log = logging.getLogger("streamv2v")
 def run_stream(model, positive, negative, vae, frames: Iterable[Frame | torch.Tensor], settings: StreamSettings,
                on_output: Callable[[Output], None], stream_key: str | None = None,
                who: str = "StreamV2V", conditioning: Callable[[Frame], object] | None = None,
-               frame_count: int | None = None, uint8_output: bool = False) -> RunReport:
+               frame_count: int | None = None, uint8_output: bool = False, warm_up: int = 0) -> RunReport:
     """Restyle ``frames`` (``Frame``s, or images ``[H, W, 3]`` in 0..1, on the host) one by one.
 
     ``on_output(Output)`` is called once per input, in input order, as soon as its answer is
@@ -76,6 +76,11 @@ def run_stream(model, positive, negative, vae, frames: Iterable[Frame | torch.Te
 
     ``uint8_output``: images reach ``on_output`` as ``uint8`` ``[H, W, 3]`` (``media.frames.to_uint8``'s
     values), converted on the device before the download (a quarter of the bytes to copy).
+
+    ``warm_up``: with the UNet compiled, this many model calls of the stream's one layout are made
+    before the first frame enters, every row padding (nothing written to the bank, nothing output):
+    the compile (its second call: a layout's first runs eagerly) and a CUDA graph recording (its
+    third) then happen before the show, not in it. Counted in ``RunReport.first_output_s``.
     """
     started = time.monotonic()
     settings.check()
@@ -96,7 +101,7 @@ def run_stream(model, positive, negative, vae, frames: Iterable[Frame | torch.Te
     guider.set_conds(positive, negative)
     guider.set_cfg(settings.cfg if settings.guidance == FULL else 1.0)  # residual CFG guides after the model call
     run = _Run(state, banks, settings, _schedule(state, model, settings), vae, on_output, frame_count, conditioning,
-               started, uint8_output)
+               started, uint8_output, warm_up)
     # Latents in float32 as ComfyUI keeps them, or float64 for a float64 model (exactness checks).
     zeros = torch.zeros(latent_shape, dtype=torch.float64 if model.model_dtype() == torch.float64 else torch.float32)
     try:
@@ -145,10 +150,11 @@ class _Run:
     """
 
     def __init__(self, state: StreamState, banks, settings: StreamSettings, schedule: Schedule, vae, on_output,
-                 frame_count: int | None, provider: Callable | None, started: float, uint8_output: bool = False):
+                 frame_count: int | None, provider: Callable | None, started: float, uint8_output: bool = False,
+                 warm_up: int = 0):
         self.state, self.banks, self.settings, self.schedule, self.vae = state, banks, settings, schedule, vae
         self.on_output, self.frame_count, self.provider = on_output, frame_count, provider
-        self.uint8 = uint8_output
+        self.uint8, self.warm_up = uint8_output, warm_up
         self.steps = len(schedule.sigma_values) - 1
         self.started = started
         self.report = RunReport()
@@ -177,13 +183,16 @@ class _Run:
         conds = RunConditioning(guider, self.frame_count, self.provider, x[:1], self.schedule.sigma_values, base,
                                 Upload(x.device, upload.ring), schedules)
         finish = quantize if self.uint8 else (lambda image: image)
+        calls = StreamCalls(self.settings, model_k, guider, conds, own.sigmas, extra_args, self.banks,
+                            self.state.frame_data, pad=compile_mode(self.settings.compile) != OFF)
         runner = StreamRunner(
-            self.state, self._pipeline(model_k, guider, conds, x, own, extra_args), self.settings.stream_batch,
+            self.state, self._pipeline(guider, calls, x, own), self.settings.stream_batch,
             _keeps_in_flight(self.settings),
             encode=lambda image: base.process_latent_in(codec.encode(upload(image[..., :3]))).to(x.device, x.dtype),
             decode=lambda denoised: finish(codec.decode(base.process_latent_out(denoised))),
             admit=lambda frame, latent: self._admit(conds, frame, latent), on_output=self._output)
         try:
+            calls.warm_up(x, self.warm_up)
             runner.run(inputs, size)
         finally:
             report = self.report
@@ -199,11 +208,9 @@ class _Run:
             rows.x0 = latent
         return rows
 
-    def _pipeline(self, model_k, guider, conds: RunConditioning, x, own: FrameSchedule, extra_args) -> StreamPipeline:
+    def _pipeline(self, guider, calls: StreamCalls, x, own: FrameSchedule) -> StreamPipeline:
         """The stream batch over this run's schedule; its model calls are ``StreamCalls``."""
         state, sampling = self.state, guider.inner_model.model_sampling
-        calls = StreamCalls(self.settings, model_k, guider, conds, own.sigmas, extra_args, self.banks, state.frame_data,
-                            pad=compile_mode(self.settings.compile) != OFF)
 
         def noise_scaling(sigma, noise, latent, max_denoise):
             return sampling.noise_scaling(sigma.to(latent.dtype), noise, latent, max_denoise=max_denoise)

@@ -80,6 +80,19 @@ class StreamCalls:
             out = self._residual(x, out, layout.rows[layout.real])
         return out
 
+    def warm_up(self, like: torch.Tensor, calls: int) -> None:
+        """``calls`` model calls of the fixed layout whose rows are all padding (``like``: one latent row):
+        compiled and recorded before the first frame. Nothing without the fixed layout."""
+        if not self.pad or calls <= 0:
+            return
+        rows = [self.conds.template_rows()] * self.steps
+        layout = _Layout(like.new_zeros(self.steps, *like.shape[1:]), self.sigmas[:self.steps], [PADDING] * self.steps,
+                         list(range(self.steps)), rows, slice(0, 0))
+        for _ in range(calls):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            for start, stop in self.conds.groups(layout.rows, layout.steps):
+                self._call(layout, start, stop, (start, stop))
+
     def guidance(self, row: FrameRows) -> tuple[float, float, bool]:
         """A row's cfg and delta (its frame's own after a live change, else the run's), and whether residual
         CFG applies to it (a residual guidance above cfg 1; see ``StreamSettings.residual``)."""

@@ -76,7 +76,7 @@ class WritePolicy:
             by_shape.setdefault((tokens.shape[1], tokens.shape[2]), []).append(layer)
         for shape, layers in by_shape.items():
             group = store.ensure(name, shape, layers, staged[layers[0]], geometry)
-            new = torch.stack([staged[layer][s] for layer in layers for s in rows])  # [L * parts, rows, T, C]
+            new = torch.cat([staged[layer][s] for layer in layers for s in rows])  # [L * rows written, T, C]
             new = new.view(len(layers), len(writes), shape[0], shape[1])
             self._store(store, name, group, layers, new, writes, shape, matchings, computed)
         for key, frame in {(name, w.flag, w.step): w.frame for w in writes}.items():  # once per key, not per image
