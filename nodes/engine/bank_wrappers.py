@@ -31,12 +31,11 @@ from ...streamv2v_core.bank.patches import OVERRIDE_KEY, FeatureFusion, MaskedAt
 from ...streamv2v_core.bank.registry import BankHandle
 from ...streamv2v_core.bank.state import model_state, with_state
 from ...streamv2v_core.log_once import warn_once
-from ...streamv2v_core.registry import Registry
+from ...streamv2v_core.stream.device_values import DeviceValues
 from .signatures import sampler_signature
 
 WRAPPER_KEY = "streamv2v.bank.{}"
-# Per-row fusion alphas on the device, by value: made once per distinct set of values (a live change).
-_ALPHAS: Registry[torch.Tensor] = Registry("fusion alpha tensor", 32, "lru")
+_ALPHAS = DeviceValues("fusion alpha")  # per-row alphas on the device, by value (no sync)
 
 
 def patched_clone(model, patch_type: str, patch):
@@ -83,8 +82,8 @@ class BankCallWrapper:
         elif masks is None and can_mask(transformer_options):  # the stream engine: one shape, whatever the bank holds
             masks = PendingMask()
         flags = transformer_options.get("cond_or_uncond")
-        alphas = fusion_alphas(transformer_options, name, plan, len(flags or [0]), masks is not None, x.device,
-                               compute_dtype(executor.class_obj))
+        alphas = fusion_alphas(transformer_options, name, plan, len(flags or [0]), masks is not None,
+                               x.new_empty(0, dtype=compute_dtype(executor.class_obj)))
         call = BankCall(bank, plan, flags, x.shape[0], frame, masks, alphas)
         options = with_state(transformer_options, calls={**state.calls, name: call}, masks=masks)
         if masks is not None and not isinstance(options.get(OVERRIDE_KEY), MaskedAttention):
@@ -103,9 +102,9 @@ def compute_dtype(base_model) -> torch.dtype:
     return getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
 
 
-def fusion_alphas(transformer_options: dict, name: str, plan: RowPlan, chunks: int, always: bool, device,
-                  dtype) -> torch.Tensor | None:
-    """Feature fusion's alpha per call row ``[chunks * rows, 1, 1]`` (cached on the device by value), or None.
+def fusion_alphas(transformer_options: dict, name: str, plan: RowPlan, chunks: int, always: bool,
+                  like: torch.Tensor) -> torch.Tensor | None:
+    """Feature fusion's alpha per call row ``[chunks * rows, 1, 1]`` (``like``'s device and dtype), or None.
 
     Each row takes its frame's live alpha, else the bank's FeatureFusion patch's. Made for every call when
     ``always`` (a masked call: one graph whether or not a frame chose an alpha), else only for live alphas.
@@ -118,8 +117,7 @@ def fusion_alphas(transformer_options: dict, name: str, plan: RowPlan, chunks: i
     if default is None:
         return None
     values = tuple(default if a is None else float(a) for a in (live or (None,) * len(plan.frames))) * chunks
-    key = repr((values, str(device), str(dtype)))
-    return _ALPHAS.get_or_create(key, lambda: torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1))
+    return _ALPHAS.rows(values, like, 3)
 
 
 def sampler_plan(bank: FeatureBank, transformer_options: dict, timestep, rows: int) -> RowPlan:

@@ -9,16 +9,14 @@ rows with different strengths: no call is split for them.
 """
 from __future__ import annotations
 
-import torch
-
 from ...streamv2v_core.bank.state import model_state
 from ...streamv2v_core.registry import Registry
+from ...streamv2v_core.stream.device_values import DeviceValues
 
 # Set by a ControlNet's pre_run on the run's originals; a copy made afterwards needs them too.
 _RUNTIME_ATTRS = ("control_model", "control_model_wrapped", "model_sampling_current", "t2i_model")
 _COPIES_KEPT = 8  # distinct sets of active ControlNets kept per run
-# Per-row factors on the device, by value (made once per distinct set: a live change, a new step pattern).
-_FACTORS: Registry[torch.Tensor] = Registry("ControlNet row factors", 32, "lru")
+_FACTORS = DeviceValues("ControlNet strength")  # per-row factors on the device, by value (no sync)
 
 
 def chain(control) -> list:
@@ -92,9 +90,6 @@ class RowControl:
         plan = model_state(transformer_options).plan
         like = next((c for outputs in (control or {}).values() for c in outputs if c is not None), None)
         if like is not None and plan is not None and plan.control is not None:
-            values = plan.control * (x.shape[0] // len(plan.control))
-            key = repr((values, str(like.device), str(like.dtype)))
-            factors = _FACTORS.get_or_create(
-                key, lambda: torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1, 1))
+            factors = _FACTORS.rows(plan.control * (x.shape[0] // len(plan.control)), like, 4)
             control = {kind: [None if c is None else c * factors for c in outputs] for kind, outputs in control.items()}
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)

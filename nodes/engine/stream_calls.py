@@ -34,7 +34,7 @@ from ...streamv2v_core.bank.state import with_state
 from ...streamv2v_core.stream.conditioning import FrameRows, split_where_changed
 from ...streamv2v_core.stream.guidance import FULL, ONE_TIME_NEGATIVE, residual_guidance
 from .conditioning import RunConditioning
-from .settings import StreamSettings
+from .settings import StreamSettings, residual_applies
 
 
 @dataclass
@@ -95,10 +95,10 @@ class StreamCalls:
 
     def guidance(self, row: FrameRows) -> tuple[float, float, bool]:
         """A row's cfg and delta (its frame's own after a live change, else the run's), and whether residual
-        CFG applies to it (a residual guidance above cfg 1; see ``StreamSettings.residual``)."""
+        CFG applies to it (``settings.residual_applies``)."""
         cfg = float(self.settings.cfg if row.cfg is None else row.cfg)
         delta = float(self.settings.residual_delta if row.residual_delta is None else row.residual_delta)
-        return cfg, delta, self.settings.guidance != FULL and cfg > 1.0
+        return cfg, delta, residual_applies(self.settings.guidance, cfg)
 
     def _layout(self, x, sigma, frames: list[int], steps: list[int]) -> _Layout:
         rows = [self.frame_data.get(f) or FrameRows() for f in frames]
