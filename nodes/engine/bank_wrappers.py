@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+import comfy.model_patcher
 import comfy.patcher_extension
 
 from ...streamv2v_core.bank.calls import BankCall, FrameWrites, PendingMask, RowPlan
@@ -156,8 +157,9 @@ class FrameCounter:
         # This run's bank object and its frame's staged writes, for the per-call wrapper (rebinds the
         # run's own options copy).
         frame = FrameWrites(bank)
-        guider.model_options = {**guider.model_options, "transformer_options": with_state(
-            options, banks={**state.banks, self.handle.name: bank}, frames={**state.frames, self.handle.name: frame})}
+        guider.model_options = comfy.model_patcher.create_model_options_clone(guider.model_options)
+        guider.model_options["transformer_options"] = with_state(
+            options, banks={**state.banks, self.handle.name: bank}, frames={**state.frames, self.handle.name: frame})
         try:
             return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:

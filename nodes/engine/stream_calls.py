@@ -167,6 +167,9 @@ class StreamCalls:
                           for r, d, ref, (cfg, delta, residual) in zip(x.split(1), denoised.split(1), refs, params)])
 
     def options_for(self, plan: RowPlan) -> dict:
-        """The run's model options with this call's plan (and the run's banks) in the pack's state."""
+        """The run's model options with this call's plan (and the run's banks) in the pack's state.
+
+        Per call only the state changes: a shallow copy with a new ``transformer_options`` (ComfyUI's
+        ``create_model_options_clone`` would copy every nested dict on every call)."""
         return {**self.options, "transformer_options": with_state(self.options.get("transformer_options"),
                                                                   plan=plan, banks=self.banks)}
