@@ -283,3 +283,27 @@ def test_warm_up_compiles_the_layout_before_the_first_frame_and_changes_no_frame
     assert len(compiles) == 2 + 5 + 3 and compiles[2] == compiles[-1] == 1  # compiled before the first frame's call
     # The same frames: the warm-up wrote nothing (the cold run's first call ran eagerly: float32 rounding).
     torch.testing.assert_close(warm, cold, rtol=0, atol=1e-4)
+
+
+def test_the_attention_override_hands_the_mask_to_its_own_attention_only_and_keeps_another_packs():
+    from streamv2v.streamv2v_core.bank.patches import MaskedAttention
+    from streamv2v.streamv2v_core.bank.state import STATE_KEY, ModelState
+
+    masks, seen = PendingMask(), []
+    mask = torch.zeros(2, 1, 1, 12)
+    masks.put(("input", 1, 0), mask)
+    options = {STATE_KEY: ModelState(masks=masks)}
+
+    def attention(q, k, v, heads, mask=None, **kwargs):
+        seen.append(mask)
+        return q
+
+    def another_packs(func, *args, **kwargs):  # e.g. a sage-attention override set before StreamV2V's
+        seen.append("theirs")
+        return func(*args, **kwargs)
+
+    override = MaskedAttention(another_packs)
+    q = torch.zeros(2, 4, 8)
+    override(attention, q, torch.zeros(2, 77, 8), torch.zeros(2, 77, 8), 2, transformer_options=options)  # attn2
+    override(attention, q, torch.zeros(2, 12, 8), torch.zeros(2, 12, 8), 2, transformer_options=options)  # attn1
+    assert seen[:2] == ["theirs", None] and seen[2] == "theirs" and seen[3] is mask and not masks.lost()
