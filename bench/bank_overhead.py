@@ -140,7 +140,7 @@ def patched(model, name: str, mode: str, size: int, interval: int = INTERVAL):
     from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, FeatureFusionPatch
 
     handle = FeatureBankNode.execute(name=name, mode=mode, size=size, interval=interval, seed=0).args[0]
-    handle.bank.reset("benchmark: a new variant")
+    handle.open().reset("benchmark: a new variant")
     model = ExtendedAttentionPatch.execute(model, handle, blocks="all").args[0]
     model = FeatureFusionPatch.execute(model, handle).args[0]
     return model, handle
@@ -252,7 +252,7 @@ class Breakdown:
         self.seconds: dict[str, dict[str, float]] = {}
 
     def install(self):
-        from streamv2v.streamv2v_core.bank.storage import FeatureBank
+        from streamv2v.streamv2v_core.bank.feature_bank import FeatureBank
         from streamv2v.streamv2v_core.bank.patches import ExtendedAttention, FeatureFusion
 
         for cls, attr, part in ((ExtendedAttention, "__call__", "ea"), (FeatureFusion, "__call__", "ff"),
@@ -291,7 +291,7 @@ def memory_child(args, torch, dtype) -> dict:
         run_frames(model, cond, vae, moving_texture(args.size, frames))
     peak = rss_peak()
     return {"label": label, "baseline": baseline, "peak": peak, "frames": frames,
-            "bank_bytes": handle.bank.nbytes() if mode is not None else 0}
+            "bank_bytes": handle.open().nbytes() if mode is not None else 0}
 
 
 def memory_children(args) -> dict[str, dict]:

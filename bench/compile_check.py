@@ -185,7 +185,7 @@ def main() -> None:
             results[mode] = first_runs(args, torch, model, cond, vae, mode, counters)
             print(f"[first runs] {mode}: {results[mode]['phases']}, {results[mode]['variants']} variants", flush=True)
         timed = timed_rounds(args, torch, results, cond, vae, counters)
-    handle.bank.reset("benchmark done")
+    handle.open().reset("benchmark done")
     write_report(report(args, torch, results, timed, reasons.messages), args.out)
 
 

@@ -10,7 +10,7 @@ Per row: a warm-up run (the pipeline fills; a compiled mode compiles its steady-
 full call, CUDA graphs record), then a timed run of ``--frames`` frames: fps = frames / wall time; latency =
 from the moment a frame is pulled from the source to the moment its output is handed to the sink (mean ms,
 and how many later frames had been pulled by then); then a counted run: syncs per frame (CUDA:
-``torch.cuda.set_sync_debug_mode`` warnings; CPU: ``streamv2v_core/counting.py``'s SyncCounter); peak GPU
+``torch.cuda.set_sync_debug_mode`` warnings; CPU: ``bench/counting.py``'s SyncCounter); peak GPU
 memory (``max_memory_allocated`` over the row, weights included); warm-up seconds (compiling included) and
 dynamo compiles. The table is rewritten after every row, so a run cut short keeps what it measured.
 
@@ -92,7 +92,7 @@ def sync_count(torch, device: str, result: list):
             yield
         result.append(len(caught))
         return
-    from streamv2v.streamv2v_core.counting import SyncCounter
+    from counting import SyncCounter
 
     counter = SyncCounter()
     with counter:
@@ -109,7 +109,7 @@ def measure_row(args, torch, parts: dict, bank: str, mode: str, settings, counte
     vae = parts["vae"]
     key = f"gpu-check {bank} {mode} {settings.cfg}"
     if handle is not None:
-        handle.bank.reset("gpu check: a new row")
+        handle.open().reset("gpu check: a new row")
     if args.dry_run:
         compiled_unet.forget_compiled()  # every row meets its layouts anew: nothing compiles in a dry run
     if args.device == "cuda":

@@ -1,7 +1,7 @@
 """The real-time hot path, per output frame (issue 13): kernels, view ops, host syncs, host time, time vs floor.
 
 What a GPU pays per frame besides arithmetic is deterministic and can be counted on any
-device (``streamv2v_core/counting.py``): ATen *kernels* (one launch each on a GPU), *view*
+device (``bench/counting.py``): ATen *kernels* (one launch each on a GPU), *view*
 ops (host work only), and calls that make the host wait for the device (*syncs*: scalar
 reads, ``.tolist()``, moves to the host, Python-list indexing, data-dependent shapes,
 tensors built from Python data), the latter split into "inside the UNet forward" and the
@@ -139,7 +139,7 @@ def run_path(path, model, cond, vae, frames, state_key):
 def measure(args, torch, unet, vae, cond, label, mode, size, interval, path, frames):
     """(counts per frame, wall s per frame, host s per frame outside the UNet, UNet calls per frame)."""
     from streamv2v.nodes.engine import FRESH, StreamSettings, run_stream
-    from streamv2v.streamv2v_core.counting import OpCounter, SyncCounter
+    from counting import OpCounter, SyncCounter
 
     probe = Probe(args.device)
     if label == CONTROLNET:
@@ -188,7 +188,7 @@ def floor(args, torch, unet, vae, cond):
     import comfy.model_management
 
     from streamv2v.nodes.engine.device_vae import DeviceCodec
-    from streamv2v.streamv2v_core.counting import OpCounter, SyncCounter
+    from counting import OpCounter, SyncCounter
 
     comfy.model_management.load_models_gpu([unet, vae.patcher])
     base = unet.model

@@ -8,7 +8,7 @@ stream batch) with a steering callable that changes the seed (blended over 4 fra
 model) every ``--every`` frames, and prints the median time of the frames that applied a change, of the
 ``steps - 1`` frames after it (rows of two schedules in one call) and of plain frames, with their ratios.
 Frame time is the time between consecutive outputs (one model call per frame in the stream batch). A
-second, shorter pass counts what a GPU would pay per frame (``streamv2v_core/counting.py``: kernels
+second, shorter pass counts what a GPU would pay per frame (``bench/counting.py``: kernels
 launched and host-device syncs), which the CPU's timings hide and which do not depend on the machine's load.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
     from streamv2v.streamv2v_core.stream.conditioning import FrameConditioning
 
     model, cond, vae = tiny_banked_parts("live_changes")
-    from streamv2v.streamv2v_core.counting import counting
+    from counting import counting
 
     track, kinds = SamplingTrack(), {}
 

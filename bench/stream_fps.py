@@ -77,7 +77,7 @@ def main() -> None:
                 order = order[::-1]
             for v in order:
                 (_, stream_batch), bank, vae = v
-                handle.bank.reset("benchmark: every run starts with an empty bank")
+                handle.open().reset("benchmark: every run starts with an empty bank")
                 if cuda:
                     sync("cuda")
                     torch.cuda.reset_peak_memory_stats()
@@ -93,7 +93,7 @@ def main() -> None:
                 used = torch.cuda.max_memory_allocated() if cuda else rss_peak() - start_mem
                 peak[v] = max(peak[v], used)
                 print(f"[round {r}] {label(v)}: {args.frames / (time.perf_counter() - t0):.3f} fps", flush=True)
-        handle.bank.reset("benchmark done")
+        handle.open().reset("benchmark done")
 
     fps = {v: args.frames * args.rounds / s for v, s in seconds.items()}
     header = ["stream", "bank", "VAE", "fps", "s / frame", "vs sequential/off/full", "stream batch vs sequential",

@@ -176,10 +176,10 @@ def patched_model(model, label, mode, size, seed):
     if mode is None:
         return model, None
     handle = FeatureBankNode.execute(name=f"table2 {label}", mode=mode, size=size, interval=4, seed=seed).args[0]
-    handle.bank.reset("table2: new row")
+    handle.open().reset("table2: new row")
     model = ExtendedAttentionPatch.execute(model, handle, "all").args[0]
     model = FeatureFusionPatch.execute(model, handle, 0.75, 0.9, "low-res decoder").args[0]
-    return model, handle.bank
+    return model, handle.open()
 
 
 def run_row(model, vae, positive, negative, clip, settings, meter_device, warmup):

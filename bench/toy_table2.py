@@ -108,7 +108,7 @@ def banked(toy, label, mode, size, interval, ea, ff, seed=0):
     if mode is None:
         return None
     handle = FeatureBankNode.execute(name=f"toy {label}", mode=mode, size=size, interval=interval, seed=seed).args[0]
-    handle.bank.reset("toy_table2: new row")
+    handle.open().reset("toy_table2: new row")
     model = toy.model
     if ea:
         model = ExtendedAttentionPatch.execute(model, handle, "all").args[0]

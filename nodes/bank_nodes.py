@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..streamv2v_core.bank.storage import MODES, BankConfig, BankHandle, check_bank_name
+from ..streamv2v_core.bank.feature_bank import MODES, BankConfig
+from ..streamv2v_core.bank.registry import BankHandle, check_bank_name
 from ..streamv2v_core.bank.patches import ALL, BLOCK_CHOICES, LOW_RES_DECODER, ExtendedAttention, FeatureFusion
 from ._schema import BANK_CATEGORY, advanced
 from .engine import bank_status, patched_clone

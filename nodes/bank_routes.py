@@ -24,7 +24,7 @@ import logging
 
 from aiohttp import web
 
-from ..streamv2v_core.bank.storage import BANKS, MAX_NAME, check_bank_name
+from ..streamv2v_core.bank.registry import BANKS, MAX_NAME, check_bank_name
 from ..streamv2v_core.registry import clear_all_registries
 from .engine import bank_status
 from .request_guard import guarded

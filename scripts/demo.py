@@ -172,7 +172,7 @@ def main(argv=None) -> None:
 
     rows, videos = [], []
     for name, m in (("no bank", model), ("DyMe bank", banked)):
-        handle.bank.reset("demo run")
+        handle.open().reset("demo run")
         path, seconds = run_loop(m, positive, negative, vae, "input.mp4", f"demo_{name.split()[0].lower()}")
         row, frames = measure(name, path, seconds, source, styled)
         rows.append(row)

@@ -35,17 +35,19 @@ class Registry(Generic[Value]):
     kind: what the values are, for messages ("feature bank"). close(value): called for every
     value that is dropped, replaced or removed. busy(value): True for values that must not be
     dropped to make room (e.g. a session a loop is running). hint: the sentence a ``RegistryFull``
-    error ends with (how to make room).
+    error ends with (how to make room). quiet: a dropped entry is logged at debug level only (caches of small
+    values that turn over in normal use).
     """
 
     def __init__(self, kind: str, limit: int, policy: str = "lru", close: Callable[[Value], None] | None = None,
-                 busy: Callable[[Value], bool] | None = None, hint: str = "", register: bool = True):
+                 busy: Callable[[Value], bool] | None = None, hint: str = "", register: bool = True,
+                 quiet: bool = False):
         if policy not in POLICIES:
             raise ValueError(f"registry policy must be one of {POLICIES}, got {policy!r}")
         if int(limit) < 1:
             raise ValueError(f"a registry holds at least 1 entry, got limit {limit}")
         self.kind, self.limit, self.policy, self.hint = kind, int(limit), policy, hint
-        self._close, self._busy = close, busy
+        self._close, self._busy, self._quiet = close, busy, quiet
         self._items: collections.OrderedDict[str, Value] = collections.OrderedDict()
         self.lock = threading.RLock()  # re-entrant: callers may hold it around get-then-put
         if register:
@@ -103,11 +105,6 @@ class Registry(Generic[Value]):
                 self._make_room()
             self._items[name] = value
 
-    def pop(self, name: str) -> Value | None:
-        """Take ``name`` out without closing it (the caller now owns it)."""
-        with self.lock:
-            return self._items.pop(name, None)
-
     def remove(self, name: str) -> bool:
         """Drop and close ``name``; whether it was there."""
         with self.lock:
@@ -135,8 +132,8 @@ class Registry(Generic[Value]):
         if self.policy == "lru":
             idle = [n for n, v in self._items.items() if not (self._busy and self._busy(v))]  # oldest first
             for name in idle[:len(self._items) - self.limit + 1]:
-                log.info("StreamV2V: %s %r dropped (least recently used; at most %d are kept)",
-                         self.kind, name, self.limit)
+                log.log(logging.DEBUG if self._quiet else logging.INFO,
+                        "StreamV2V: %s %r dropped (least recently used; at most %d are kept)", self.kind, name, self.limit)
                 self._closing(self._items.pop(name))
             if len(self._items) < self.limit:
                 return

@@ -15,7 +15,8 @@ import comfy.ops
 from host import tiny_models
 from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode
 from streamv2v.streamv2v_core import BANKS
-from streamv2v.streamv2v_core.bank.calls import CALLS_KEY, BankCall, RowPlan
+from streamv2v.streamv2v_core.bank.calls import BankCall, RowPlan
+from streamv2v.streamv2v_core.bank.state import STATE_KEY, ModelState
 
 TOKENS, CHANNELS = 16, 32
 
@@ -32,9 +33,9 @@ def block_and_options():
     context = torch.randn(1, 7, 16, generator=g)
 
     def call(frame):
-        bank_call = BankCall(handle.bank, RowPlan((frame,), (0,), 1), [0], 1)
+        bank_call = BankCall(handle.open(), RowPlan((frame,), (0,), 1), [0], 1)
         options = {"patches": patches, "block": ("middle", 0), "block_index": 0, "original_shape": [1, 4, 4, 4],
-                   "cond_or_uncond": [0], CALLS_KEY: {handle.name: bank_call}}
+                   "cond_or_uncond": [0], STATE_KEY: ModelState(calls={handle.name: bank_call})}
         return bank_call, torch.randn(1, TOKENS, CHANNELS, generator=g), options
 
     with torch.inference_mode():

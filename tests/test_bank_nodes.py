@@ -87,7 +87,7 @@ def test_cond_uncond_and_steps_never_mix_in_the_real_unet(kind):
     positive = [k for k in frame0 if k[2] == 0]
     differ = sum(not torch.equal(frame0[k], frame0[(k[0], k[1], 1)]) for k in positive)
     assert differ >= len(positive) - 4
-    assert handle.bank.frames_seen == 2
+    assert handle.open().frames_seen == 2
 
 
 def test_incoming_model_is_never_mutated():
@@ -133,7 +133,7 @@ def test_frame_counting_and_readable_resets(caplog):
     m = _patch(model, handle)
     for seed in range(3):
         _sample(m, pos, pos, seed=seed)
-    bank = handle.bank
+    bank = handle.open()
     assert bank.frames_seen == 3 and bank.nbytes() > 0
 
     def reason_after(run):
@@ -171,7 +171,7 @@ def test_bank_changes_the_next_frame_and_a_clear_restores_it():
     first = _sample(m, pos, pos, seed=1)
     assert torch.equal(first, _sample(model, pos, pos, seed=1)), "an empty bank changes nothing"
     with_past = _sample(m, pos, pos, seed=2)
-    handle.bank.reset("test")
+    handle.open().reset("test")
     fresh = _sample(m, pos, pos, seed=2)
     assert not torch.allclose(with_past, fresh)
     assert torch.equal(fresh, _sample(model, pos, pos, seed=2))
@@ -197,7 +197,7 @@ def test_edits_users_make_between_runs_work_under_both_clone_semantics(semantics
         b = _sample(ea, pos, neg, seed=6, cfg=2.0)
         assert torch.isfinite(a).all() and torch.isfinite(b).all()
         copy.deepcopy(ea.model_options)  # what 0.3.75's clone() does: must never fail
-    assert handle.bank.frames_seen == 6
+    assert handle.open().frames_seen == 6
     # The EA model is still EA only (FF went on clones), and the original model has no patches at all.
     assert set(ea.model_options["transformer_options"]["patches"]) == {"attn1_patch"}
     assert "patches" not in model.model_options.get("transformer_options", {})
@@ -222,10 +222,10 @@ def test_fp8_weights_keep_the_bank_in_the_compute_dtype():
     for seed in (1, 2):
         out = _sample(m, pos, pos, seed=seed)
     assert torch.isfinite(out).all()
-    bank = handle.bank
-    dtypes = {g.data.dtype for groups in bank._groups.values() for g in groups.values()}
-    assert dtypes == {torch.float32}
-    elements = sum(g.data.numel() for groups in bank._groups.values() for g in groups.values())
+    bank = handle.open()
+    groups = [g for store in (bank.store, bank.units.store) for name in ("n", "o") for g in store.groups(name)]
+    assert {g.data.dtype for g in groups} == {torch.float32}
+    elements = sum(g.data.numel() for g in groups)
     assert bank.nbytes() == 4 * elements and bank.status()["bytes"] == bank.nbytes()
 
 
@@ -249,7 +249,8 @@ def test_patches_trace_without_graph_breaks_and_reuse_the_graph_across_frames():
     # pytest captures every log record; torch's structured trace log at DEBUG makes tracing ~80x slower.
     logging.getLogger("torch.__trace").setLevel(logging.WARNING)
     from comfy.ldm.modules.attention import BasicTransformerBlock
-    from streamv2v.streamv2v_core.bank.calls import CALLS_KEY, BankCall, RowPlan
+    from streamv2v.streamv2v_core.bank.calls import BankCall, RowPlan
+    from streamv2v.streamv2v_core.bank.state import STATE_KEY, ModelState
 
     block = tiny_models.init_params_(BasicTransformerBlock(32, 4, 8, context_dim=16,
                                                            operations=comfy.ops.disable_weight_init), 3)
@@ -263,9 +264,9 @@ def test_patches_trace_without_graph_breaks_and_reuse_the_graph_across_frames():
     def call(frame):
         """One stream-batch call: rows = frames frame..frame-3 at steps 0..3."""
         rows = [f for f in range(frame, frame - steps, -1) if f >= 0]
-        bank_call = BankCall(handle.bank, RowPlan(tuple(rows), tuple(range(len(rows))), steps), [0], len(rows))
+        bank_call = BankCall(handle.open(), RowPlan(tuple(rows), tuple(range(len(rows))), steps), [0], len(rows))
         options = {"patches": patches, "block": ("middle", 0), "block_index": 0, "original_shape": [1, 4, 4, 4],
-                   "cond_or_uncond": [0], CALLS_KEY: {handle.name: bank_call}}
+                   "cond_or_uncond": [0], STATE_KEY: ModelState(calls={handle.name: bank_call})}
         return bank_call, torch.randn(len(rows), 16, 32, generator=g), options
 
     with torch.inference_mode():
@@ -302,6 +303,8 @@ def test_compiled_path_falls_back_cleanly_when_it_cannot_apply(caplog, monkeypat
         for compiled in (True, True, False):
             outputs[compiled] = StreamV2VSampler.execute(model, cond, cond, vae, frames, seed=1,
                                                          compile=compiled).args[0]
-    assert torch.equal(outputs[True], outputs[False])
+    # A compiled run pads the stream batch's filling and draining calls to its full rows (one graph): the
+    # same frames up to float32 rounding of a larger batch (the float32 bound of test_sampler.py).
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=1e-4)
     assert "compiling the UNet failed" in caplog.text and "InvalidBackend" in caplog.text
     compiled_unet.forget_compiled()

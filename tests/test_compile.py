@@ -4,6 +4,7 @@ Compiled with dynamo's ``eager`` backend (tracing only: the same guards, graphs 
 without generating code). Errors are injected by test patches inside the compiled call.
 """
 import logging
+import re
 
 import pytest
 import torch
@@ -37,7 +38,8 @@ def frames(n=2):
 
 
 def layouts_met(parts):
-    """Run the call layouts of ``run`` once (compiled mode runs a layout's first call eagerly)."""
+    """Run the call layouts of ``run`` once (compiled mode runs a layout's first call eagerly; the padded
+    stream batch has one layout, met in a run's first call and compiled in its second)."""
     run(parts[0], parts, DEFAULT)
 
 
@@ -112,7 +114,7 @@ def test_a_shape_error_found_while_tracing_is_raised_as_the_eager_error(parts):
         with pytest.raises(RuntimeError) as raised:
             run(model, parts, mode)
         assert type(raised.value) is RuntimeError
-        messages.append(str(raised.value))
+        messages.append(re.sub(r"\d+", "#", str(raised.value)))  # compiled, the stream batch is padded: other sizes
     assert messages[0] == messages[1]
 
 
@@ -120,9 +122,8 @@ def test_an_out_of_memory_error_wrapped_in_a_compile_error_is_unwrapped(parts, m
     def backend(graph, example_inputs):
         raise torch.OutOfMemoryError("out of memory while compiling (test)")
     monkeypatch.setattr(compiled_unet, "COMPILE_BACKEND", backend)
-    layouts_met(parts)
     with pytest.raises(torch.OutOfMemoryError, match="while compiling"):
-        run(parts[0], parts)
+        layouts_met(parts)
 
 
 def test_a_compile_error_falls_back_to_eager_once_with_its_type_in_the_log(parts, monkeypatch, caplog):
@@ -134,11 +135,12 @@ def test_a_compile_error_falls_back_to_eager_once_with_its_type_in_the_log(parts
     eager = run(parts[0], parts, OFF)
     monkeypatch.setattr(compiled_unet, "COMPILE_BACKEND", backend)
     with caplog.at_level(logging.WARNING, logger="streamv2v"):
-        layouts_met(parts)  # every call's layout is new: eager, nothing compiled yet
-        assert not calls
-        first = run(parts[0], parts)
+        first = run(parts[0], parts)  # its first call meets the layout, its second compiles: fails, runs eagerly
+        assert len(calls) == 1
         second = run(parts[0], parts)  # the failure is remembered: no second attempt
-    assert torch.equal(first, eager) and torch.equal(second, eager)
+    # The same frames (a compiled run pads its filling and draining calls: float32 rounding of a larger batch).
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, eager, rtol=0, atol=1e-4)
     assert len(calls) == 1
     assert caplog.text.count("compiling the UNet failed") == 1
     assert "BackendCompilerFailed" in caplog.text and "no compiler here" in caplog.text
@@ -155,10 +157,10 @@ def test_a_chunked_attention_backend_is_named_in_the_log_when_compiling():
 
 
 def test_graph_variants_are_bounded_and_steady_state_never_recompiles():
-    """A DyMe(1) stream at 2 steps, bank updated every 3rd frame (calls with and without a bank write):
-    fresh runs compile 2S = 4 graphs (pipeline filling: 1 row without a bank, 2 rows with a partly filled
-    bank; steady state; draining: 1 row), shared by later runs; a continued run's refill (1 row, full bank)
-    adds one; steady state, repeated runs and frames in flight compile nothing. No graph breaks (PyTorch
+    """A DyMe(1) stream at 2 steps, bank updated every 3rd frame (calls with and without a bank write): every
+    call has the stream's one layout (the stream batch padded to its rows while it fills and drains, the bank
+    read at its capacity with a mask), so fresh runs, continued runs, refills of frames in flight and steady
+    state share one graph, compiled once, in the first run's second call. No graph breaks (PyTorch
     attention). The compiled frames equal the eager ones."""
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -188,10 +190,10 @@ def test_graph_variants_are_bounded_and_steady_state_never_recompiles():
         outputs[mode] = [stream(mode, FRESH, clip), stream(mode, FRESH, clip), stream(mode, CONTINUE, clip[:4]),
                          stream(mode, IN_FLIGHT, clip[4:7]), stream(mode, IN_FLIGHT, clip[7:])]
         graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs == [0, 5], graphs  # 4 for a fresh run + the refill of frames in flight
-    assert counters["frames"]["total"] == 5 and not counters["graph_break"], dict(counters["graph_break"])
-    for compiled, eager in zip(outputs[DEFAULT], outputs[OFF]):
-        torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    assert graphs == [0, 1], graphs  # before the fixed layout: 4 for a fresh run + the refill of frames in flight
+    assert counters["frames"]["total"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    for compiled, eager in zip(outputs[DEFAULT], outputs[OFF]):  # eager calls are not padded: float32 rounding
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
 
 
 def test_per_frame_prompts_hints_strengths_and_live_alpha_vary_data_not_graphs():

@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from streamv2v.streamv2v_core.bank import attention, merging, patches
-from streamv2v.streamv2v_core.bank import storage as bank_mod
-from streamv2v.streamv2v_core.bank.storage import BankConfig, BankHandle, BankRegistry, FeatureBank
-from streamv2v.streamv2v_core.bank.calls import CALLS_KEY, BankCall, RowPlan
+from streamv2v.streamv2v_core.bank import registry as bank_mod
+from streamv2v.streamv2v_core.bank.feature_bank import BankConfig, FeatureBank
+from streamv2v.streamv2v_core.bank.registry import BankHandle, BankRegistry
+from streamv2v.streamv2v_core.bank.calls import BankCall, RowPlan
+from streamv2v.streamv2v_core.log_once import forget_warnings
+from streamv2v.streamv2v_core.bank.state import STATE_KEY, ModelState
 from streamv2v.streamv2v_core.stream.schedule import strength_timesteps
 from streamv2v.streamv2v_core.stream.similarity import SimilarityFilter, skip_probability
 
@@ -112,7 +115,7 @@ def test_uniform_reads_are_views_and_padding_with_own_tokens_is_neutral():
     call = BankCall(bank, RowPlan((1, 0), (0, 1), 3), [0], 2)  # frame 1 reads frame 0; frame 0 at step 1 has none
     segments = call.segments("n", layer)
     view = bank.view("n", layer, segments[0].first, 1, 1, 1)
-    assert view.untyped_storage().data_ptr() == bank._groups["n"][(t, c)].data.untyped_storage().data_ptr()
+    assert view.untyped_storage().data_ptr() == bank.store.by_shape("n", (t, c)).data.untyped_storage().data_ptr()
     x = _randn(2, t, c, seed=50)
     extended = call.extend(layer, x)
     wq, wk, wv = _weights(c, 13)
@@ -242,11 +245,11 @@ def test_bank_keeps_the_compute_dtype_counts_bytes_and_resets(caplog):
 
 def test_registry_shares_by_name_and_explains_a_settings_change(caplog):
     reg = BankRegistry()
-    a = reg.get("x", BankConfig())
-    assert reg.get("x") is a
+    a = reg.open("x", BankConfig())
+    assert reg.find("x") is a
     _write(a, ("input", 1, 0), 0, 0, torch.zeros(1, 2, 2))
     with caplog.at_level("INFO", logger="streamv2v"):
-        reg.get("x", BankConfig(mode="queue", size=2))
+        reg.open("x", BankConfig(mode="queue", size=2))
     assert a.num_entries() == 0 and a.config.mode == "queue"
     assert "bank settings changed: mode dyme -> queue, size 1 -> 2" in caplog.text
     assert reg.free("memory freed") == 0 and reg.names() == []
@@ -269,7 +272,7 @@ def test_bad_fusion_settings_raise(alpha, threshold):
 def _options(bank, flags, steps, frames, block=("input", 1), total=4):
     opts = {"block": block, "block_index": 0, "original_shape": [1, 4, 8, 8], "cond_or_uncond": flags}
     call = BankCall(bank, RowPlan(tuple(frames), tuple(steps), total), flags, len(flags) * len(steps))
-    opts[CALLS_KEY] = {bank.name: call}
+    opts[STATE_KEY] = ModelState(calls={bank.name: call})
     return opts, call
 
 
@@ -277,7 +280,7 @@ def test_rows_are_keyed_by_cond_flag_and_step_in_any_order():
     name = "keys-test"
     bank_mod.BANKS.remove(name)
     handle = BankHandle(name, BankConfig(interval=1))
-    bank = handle.bank
+    bank = handle.open()
     ea = patches.ExtendedAttention(handle, "all")
     # Chunk order negative-then-positive, two rows per chunk at two different steps (a stream batch).
     ctx = torch.stack([torch.full((64, 4), v) for v in (1.0, 2.0, 3.0, 4.0)])
@@ -317,7 +320,7 @@ def test_patch_objects_copy_pickle_and_share_after_running():
     ea, ff = patches.ExtendedAttention(handle, "all"), patches.FeatureFusion(handle, "all", 0.75, 0.9)
     x = torch.randn(1, 16, 4)
     for frame in range(2):
-        opts, call = _options(handle.bank, [0], [0], [frame])
+        opts, call = _options(handle.open(), [0], [0], [frame])
         ea(x, x, x, opts)
         ff(x, opts)
         call.flush()
@@ -330,9 +333,9 @@ def test_patch_objects_copy_pickle_and_share_after_running():
 def test_missing_block_information_warns_once_by_name(caplog):
     handle = BankHandle("warn-test", BankConfig(interval=1))
     ff = patches.FeatureFusion(handle, "low-res decoder", 0.75, 0.9)
-    opts, _ = _options(handle.bank, [0], [0], [0])
+    opts, _ = _options(handle.open(), [0], [0], [0])
     del opts["block"]
-    patches._warned.clear()
+    forget_warnings()
     with caplog.at_level("WARNING", logger="streamv2v"):
         for _ in range(3):
             ff(torch.randn(1, 16, 4), opts)

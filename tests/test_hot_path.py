@@ -1,11 +1,14 @@
 """The hot path's deterministic costs on the CPU, as a GPU would pay them (issue 13).
 
-Counted with ``streamv2v_core.counting`` (a dispatch mode for kernels and views, a function
+Counted with ``bench/counting.py`` (a dispatch mode for kernels and views, a function
 mode for calls that would make the host wait for a GPU), never timed: no host sync inside
 the UNet forward; none per frame outside it either (a run pays a fixed few when it starts);
 bank kernels within 1.15x of no bank for the paper's DyMe(1) every 4th frame, and no bank
 within 1.05x of the floor (one stream-batch UNet call + TAESD encode + decode).
 """
+import pathlib
+import sys
+
 import pytest
 import torch
 
@@ -15,7 +18,9 @@ from streamv2v.nodes.bank_nodes import ExtendedAttentionPatch, FeatureBankNode, 
 from streamv2v.nodes.engine.device_vae import DeviceCodec
 from streamv2v.nodes.engine import IN_FLIGHT, StreamSettings, run_stream
 from streamv2v.streamv2v_core import BANKS
-from streamv2v.streamv2v_core.counting import OpCounter, SyncCounter
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
+from counting import OpCounter, SyncCounter  # noqa: E402  (benchmark counters live with the benchmarks)
 
 STEPS, SIZE = 4, 64
 

@@ -3,7 +3,7 @@ filter's skip limit as StreamDiffusion counts it."""
 import torch
 
 from streamv2v.streamv2v_core.bank.attention import feature_fusion
-from streamv2v.streamv2v_core.bank.storage import BankConfig, FeatureBank
+from streamv2v.streamv2v_core.bank.feature_bank import BankConfig, FeatureBank
 from streamv2v.streamv2v_core.bank.calls import BankCall, RowPlan
 from streamv2v.streamv2v_core.stream.similarity import SimilarityFilter
 

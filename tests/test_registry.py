@@ -4,7 +4,8 @@ import threading
 import pytest
 
 from host.waiting import join
-from streamv2v.streamv2v_core.bank.storage import MAX_BANKS, BankConfig, BankHandle, BankRegistry, check_bank_name
+from streamv2v.streamv2v_core.bank.feature_bank import BankConfig
+from streamv2v.streamv2v_core.bank.registry import MAX_BANKS, BankHandle, BankRegistry, check_bank_name
 from streamv2v.streamv2v_core.registry import Registry, RegistryFull, clear_all_registries
 
 
@@ -116,17 +117,17 @@ def test_get_or_create_stays_bounded_and_closes_every_value_it_drops_under_threa
     assert {id(v) for v in made} == {id(v) for v in closed} | {id(v) for v in kept}
 
 
-def test_banks_are_bounded_and_reading_a_handle_never_resets_its_bank():
+def test_banks_are_bounded_and_finding_a_bank_never_resets_it():
     reg = BankRegistry(limit=3)
     for i in range(5):
-        reg.get(f"b{i}")
+        reg.open(f"b{i}", BankConfig())
     assert reg.names() == ["b2", "b3", "b4"] and MAX_BANKS == 64
-    import streamv2v.streamv2v_core.bank.storage as bank_mod
+    import streamv2v.streamv2v_core.bank.registry as bank_mod
     bank_mod.BANKS.remove("shared")
     a, b = BankHandle("shared", BankConfig(size=1)), BankHandle("shared", BankConfig(size=2))
     bank = a.open()
     bank.frames_seen = 5
-    assert b.bank is bank and a.bank is bank and bank.frames_seen == 5  # no reset on access
+    assert bank_mod.BANKS.find("shared") is bank and bank.frames_seen == 5  # no reset on looking
     assert b.open().frames_seen == 0 and bank.config.size == 2  # a run with b's settings: cleared, with the reason
     assert "size 1 -> 2" in bank.last_reset_reason
     bank_mod.BANKS.remove("shared")
@@ -168,7 +169,7 @@ def test_signatures_never_take_a_reused_id_for_the_same_model(monkeypatch):
 def test_bank_status_counts_a_running_streams_frames():
     """The status route showed frames_seen 0 until a running loop ended."""
     from streamv2v.nodes.engine.streams import STREAMS, StreamState, bank_status
-    from streamv2v.streamv2v_core.bank.storage import FeatureBank
+    from streamv2v.streamv2v_core.bank.feature_bank import FeatureBank
     bank = FeatureBank(BankConfig(), name="live")
     STREAMS.put("bank live", StreamState(next_frame=7, bank_generation=bank.generation))  # a run on it, mid-way
     try:

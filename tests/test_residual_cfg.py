@@ -54,9 +54,11 @@ def reference_frame(host, frame, mode, cfg=2.0, delta=0.8, seed=1, steps=4, stre
         x0_ref = x0
         for step in range(steps):
             sigma = torch.tensor([sigmas[step]], dtype=F64)
-            d_pos = base.apply_model(x, sigma, c_crossattn=pos[0][0])
-            if mode == ONE_TIME_NEGATIVE and step == 0:
-                x0_ref = base.apply_model(x, sigma, c_crossattn=neg[0][0])
+            if mode == ONE_TIME_NEGATIVE and step == 0:  # the negative pass rides in the frame's call (2 rows)
+                d_pos, x0_ref = base.apply_model(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                                 c_crossattn=torch.cat([pos[0][0], neg[0][0]])).split(1)
+            else:
+                d_pos = base.apply_model(x, sigma, c_crossattn=pos[0][0])
             eps_pos = (x - d_pos) / sigma
             eps_neg = delta * (x - x0_ref) / sigma
             eps = eps_neg + cfg * (eps_pos - eps_neg)

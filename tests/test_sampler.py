@@ -118,7 +118,7 @@ def test_n_frames_in_n_frames_out_none_blank(parts, n):
 def test_cfg_keeps_cond_and_uncond_apart_in_the_bank(parts):
     model, handle = patched(parts, "cfg", interval=1)
     run(parts, moving_frames(3), model=model, cfg=2.5)
-    bank = handle.bank
+    bank = handle.open()
     assert all(bank.count(name, flag, step) == 1 for name in ("n", "o") for flag in (0, 1) for step in range(4))
     layer = ("input", 1, 0)
     positive, negative = bank.view("n", layer, 2, 1, 1, 1), bank.view("n", layer, 4 + 2, 1, 1, 1)
@@ -129,18 +129,18 @@ def test_cfg_keeps_cond_and_uncond_apart_in_the_bank(parts):
 def test_fresh_starts_a_new_stream_and_continue_carries_on(parts, caplog):
     model, handle = patched(parts, "continue", interval=2)
     run(parts, moving_frames(3), model=model)
-    assert handle.bank.frames_seen == 3
+    assert handle.open().frames_seen == 3
     run(parts, moving_frames(2, seed=1), model=model, bank_start=CONTINUE)
-    assert handle.bank.frames_seen == 5
+    assert handle.open().frames_seen == 5
     with caplog.at_level("INFO", logger="streamv2v"):
         run(parts, moving_frames(2, seed=1), model=model, bank_start=FRESH)
-    assert handle.bank.frames_seen == 2
+    assert handle.open().frames_seen == 2
     assert "bank 'continue' cleared: new stream (StreamV2V Sampler with bank_start 'fresh')" in caplog.text
     caplog.clear()
     with caplog.at_level("INFO", logger="streamv2v"):  # a setting changed: continue starts afresh, saying why
         run(parts, moving_frames(2, seed=1), model=model, bank_start=CONTINUE, strength=0.5)
     assert "bank 'continue' cleared: strength changed 0.4 -> 0.5" in caplog.text
-    assert handle.bank.frames_seen == 2 and handle.bank.last_reset_reason == "strength changed 0.4 -> 0.5"
+    assert handle.open().frames_seen == 2 and handle.open().last_reset_reason == "strength changed 0.4 -> 0.5"
 
 
 @pytest.mark.parametrize("fixed_noise", [True, False])
@@ -149,11 +149,11 @@ def test_three_continued_runs_of_8_frames_equal_one_run_of_24(parts, fixed_noise
     model, handle = patched(parts, f"meta-{fixed_noise}", interval=4)
     frames = moving_frames(24)
     whole = run(parts, frames, model=model, fixed_noise=fixed_noise)
-    handle.bank.reset("test: a new clip")
+    handle.open().reset("test: a new clip")
     chunks = [run(parts, frames[i:i + 8], model=model, fixed_noise=fixed_noise, bank_start=CONTINUE)
               for i in range(0, 24, 8)]
     torch.testing.assert_close(torch.cat(chunks), whole, rtol=0, atol=1e-4)
-    assert handle.bank.frames_seen == 24
+    assert handle.open().frames_seen == 24
 
 
 def test_one_frame_per_run_keeps_frames_in_flight_and_costs_one_model_call(parts):
@@ -162,7 +162,7 @@ def test_one_frame_per_run_keeps_frames_in_flight_and_costs_one_model_call(parts
     counted, calls, _ = counting(model)
     frames = moving_frames(10)
     whole = run(parts, frames, model=model)
-    handle.bank.reset("test: a new clip")
+    handle.open().reset("test: a new clip")
     calls.clear()
     outputs = [run(parts, frames[i:i + 1], model=counted, bank_start=IN_FLIGHT)[0] for i in range(10)]
     assert calls == [1, 2, 3, 4, 4, 4, 4, 4, 4, 4], "one UNet call per run, the stream batch kept across runs"
@@ -192,7 +192,7 @@ def test_similarity_filter_reuses_output_of_still_frames(parts):
     assert out.shape == still.shape
     # Identical frames are always skipped; more than max_skips = 3 in a row forces one through
     # (StreamDiffusion's skip_count > max_skip_frame): frames 0 and 5 are processed.
-    assert handle.bank.frames_seen == 2
+    assert handle.open().frames_seen == 2
     assert all(torch.equal(out[i], out[0]) for i in (1, 2, 3, 4))
     assert all(torch.equal(out[i], out[5]) for i in (6, 7))
 
@@ -366,7 +366,7 @@ def test_after_core_lora_and_lcm_model_sampling_nodes(parts):
     frames = moving_frames(4)
     out = run(parts, frames, model=bank_model)
     assert out.shape == frames.shape and torch.isfinite(out).all()
-    assert handle.bank.frames_seen == 4
+    assert handle.open().frames_seen == 4
     assert not torch.allclose(out, run(parts, frames), atol=1e-3)
 
 
@@ -417,25 +417,29 @@ def spoiling(model, calls):
     return clone
 
 
-def test_frames_that_come_out_not_finite_are_held_reported_and_never_poison_the_bank(parts):
+@pytest.mark.parametrize("uint8_output", [False, True])
+def test_frames_that_come_out_not_finite_are_held_reported_and_never_poison_the_bank(parts, uint8_output):
     """NaN in two model calls of a banked stream: those outputs are the last good frame (flagged and counted), the
     bank forgets what they wrote, and every later frame is finite and follows the video again (before: black from
-    the first NaN on, the bank poisoned for good)."""
-    model, handle = patched(parts, "nan_bank", interval=1)
+    the first NaN on, the bank poisoned for good). Also when frames are made uint8 on the device (the check is
+    taken before the conversion, where NaN is still NaN)."""
+    model, handle = patched(parts, f"nan_bank_{uint8_output}", interval=1)
     _, vae, pos, neg = parts
     images, outs = moving_frames(12), []
     settings = StreamSettings(seed=1, steps=2, strength=0.5)
     with torch.inference_mode():
-        report = run_stream(spoiling(model, {4, 5}), pos, neg, vae, iter(images), settings, outs.append)
-    assert [o.index for o in outs] == list(range(12)) and all(torch.isfinite(o.image).all() for o in outs)
+        report = run_stream(spoiling(model, {4, 5}), pos, neg, vae, iter(images), settings, outs.append,
+                            uint8_output=uint8_output)
+    assert [o.index for o in outs] == list(range(12)) and all(torch.isfinite(o.image.float()).all() for o in outs)
+    assert all((o.image.dtype == torch.uint8) == uint8_output for o in outs)
     held = [o.index for o in outs if o.held]
     assert held and report.held == len(held) and report.held_inputs == held and max(held) < 8
     for o in outs:
         if o.held:
             assert torch.equal(o.image, outs[min(held) - 1].image)  # the last good frame, shown again
     tail = [o.image for o in outs[max(held) + 1:]]
-    assert len(tail) >= 3 and all((a - b).abs().max() > 1e-3 for a, b in zip(tail, tail[1:]))  # moving again
-    assert handle.bank.last_reset_reason == f"input {max(held)} came out not finite (NaN/inf): its features were dropped"
+    assert len(tail) >= 3 and all((a.float() - b.float()).abs().max() > 1e-3 for a, b in zip(tail, tail[1:]))
+    assert BANKS.find(handle.name).last_reset_reason == f"input {max(held)} came out not finite (NaN/inf): its features were dropped"
 
 
 def test_the_sampler_refuses_to_pass_on_frames_that_are_not_finite(parts):

@@ -25,14 +25,15 @@ one frame per Auto Queue prompt, reuses the graphs instead of compiling again.
 from __future__ import annotations
 
 import logging
-import threading
 import weakref
 
 import torch
 
 import comfy.model_management
 
-from ...streamv2v_core.bank.calls import PLAN_KEY
+from ...streamv2v_core.bank.state import model_state
+from ...streamv2v_core.log_once import forget_warnings
+from ...streamv2v_core.log_once import warn_once as _log_once
 
 log = logging.getLogger("streamv2v")
 
@@ -96,18 +97,6 @@ def propagating_cause(error: BaseException) -> BaseException | None:
     return None
 
 
-_logged: set[str] = set()
-_lock = threading.Lock()
-
-
-def _log_once(message: str) -> None:
-    with _lock:
-        if message in _logged:
-            return
-        _logged.add(message)
-    log.warning(message)
-
-
 class _Compiled:
     """The compiled callables of one diffusion model, by mode, and the modes that failed (and why)."""
 
@@ -123,7 +112,7 @@ _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, _Compiled]" = weakref.WeakKe
 def forget_compiled() -> None:
     """Drop every cached compiled callable and failure (tests; a changed backend)."""
     _CACHE.clear()
-    _logged.clear()
+    forget_warnings()
 
 
 class CompiledUNet:
@@ -204,7 +193,7 @@ def call_layout(args: tuple, kwargs: dict) -> tuple:
     x = args[0] if args else kwargs.get("x")
     control = args[4] if len(args) > 4 else kwargs.get("control")
     options = (args[5] if len(args) > 5 else kwargs.get("transformer_options")) or {}
-    plan = options.get(PLAN_KEY)
+    plan = model_state(options).plan
     rows = (tuple(plan.steps), plan.total_steps) if plan is not None else None
     return (tuple(x.shape), x.dtype, rows, tuple(options.get("cond_or_uncond") or ()), control is not None)
 

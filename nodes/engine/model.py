@@ -8,10 +8,13 @@ import torch
 
 import comfy.patcher_extension
 
-from ...streamv2v_core.bank.patches import STREAM_KEY
+from ...streamv2v_core.bank.state import with_state
 from ...streamv2v_core.stream.schedule import strength_timesteps
 from .compiled_unet import COMPILE_KEY, OFF, compile_wrapper
+from .controlnets import RowControl
 from .device_vae import attach
+
+ROW_CONTROL_KEY = "streamv2v.row_control"
 
 # --------------------------------------------------------------------------- model preparation
 
@@ -47,16 +50,20 @@ def per_row(fn: Callable, returns_list: bool = False) -> Callable:
 
 def stream_model(model, vae, compile_unet=OFF):
     """A clone of ``model`` for the stream engine: guidance functions per row, VAE loaded with the UNet,
-    optionally the UNet compiled (``compile_unet``: a mode of ``compiled_unet``, or a saved boolean)."""
+    ControlNet strength per row (``controlnets.RowControl``), optionally the UNet compiled (``compile_unet``:
+    a mode of ``compiled_unet``, or a saved boolean)."""
     model = model.clone()
     options = model.model_options
-    options.setdefault("transformer_options", {})[STREAM_KEY] = True
+    options["transformer_options"] = with_state(options.get("transformer_options"), engine=True)
     if "sampler_cfg_function" in options:
         options["sampler_cfg_function"] = per_row(options["sampler_cfg_function"])
     for key, returns_list in (("sampler_post_cfg_function", False), ("sampler_pre_cfg_function", True)):
         if options.get(key):
             options[key] = [per_row(fn, returns_list) for fn in options[key]]
     attach(model, vae)
+    apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    model.remove_wrappers_with_key(apply_model, ROW_CONTROL_KEY)
+    model.add_wrapper_with_key(apply_model, ROW_CONTROL_KEY, RowControl())  # outside the compiled UNet
     wrapper = compile_wrapper(compile_unet, model.load_device)
     if wrapper is not None:
         model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY)

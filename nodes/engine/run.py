@@ -19,6 +19,7 @@ finished frame crosses back to the host once, one frame late.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -30,22 +31,23 @@ import torch
 import comfy.model_management
 import comfy.samplers
 
-from ...streamv2v_core.bank.calls import NAMES, PLAN_KEY, RowPlan
-from ...streamv2v_core.stream.conditioning import FrameRows, intersect_runs
+from ...streamv2v_core.media.frames import quantize
+from ...streamv2v_core.stream.conditioning import FrameRows
 from ...streamv2v_core.stream.frame import Frame, Output, RunReport, as_frame
 from ...streamv2v_core.stream.frame_schedule import FrameSchedule
-from ...streamv2v_core.stream.guidance import FULL, SELF_NEGATIVE, residual_guidance
+from ...streamv2v_core.stream.guidance import FULL, SELF_NEGATIVE
 from ...streamv2v_core.stream.runner import StreamRunner
 from ...streamv2v_core.stream.pipeline import NoiseSource, StreamPipeline
 from ...streamv2v_core.stream.similarity import SimilarityFilter
 from ...streamv2v_core.stream.transfer import Upload
-from .bank_wrappers import RUN_BANKS_KEY
+from .compiled_unet import OFF, compile_mode
 from .conditioning import RunConditioning, check_frame_rows
 from .device_vae import DeviceCodec, vae_downscale
 from .frame_schedules import FrameSchedules
 from .model import stream_model, strength_sigmas
 from .settings import IN_FLIGHT, StreamSettings, check_stream_inputs
 from .signatures import stream_signature
+from .stream_calls import StreamCalls
 from .streams import Schedule, StreamState, banks_of, open_stream, reading
 
 log = logging.getLogger("streamv2v")
@@ -53,7 +55,7 @@ log = logging.getLogger("streamv2v")
 def run_stream(model, positive, negative, vae, frames: Iterable[Frame | torch.Tensor], settings: StreamSettings,
                on_output: Callable[[Output], None], stream_key: str | None = None,
                who: str = "StreamV2V", conditioning: Callable[[Frame], object] | None = None,
-               frame_count: int | None = None) -> RunReport:
+               frame_count: int | None = None, uint8_output: bool = False, warm_up: int = 0) -> RunReport:
     """Restyle ``frames`` (``Frame``s, or images ``[H, W, 3]`` in 0..1, on the host) one by one.
 
     ``on_output(Output)`` is called once per input, in input order, as soon as its answer is
@@ -71,6 +73,14 @@ def run_stream(model, positive, negative, vae, frames: Iterable[Frame | torch.Te
     ``(Frame) -> FrameConditioning | None`` gives a frame its own prompt, hint, ControlNet
     scale or fusion alpha as it enters the stream (``stream/conditioning.py``); the frame
     keeps it as ``frame.conditioning``.
+
+    ``uint8_output``: images reach ``on_output`` as ``uint8`` ``[H, W, 3]`` (``media.frames.to_uint8``'s
+    values), converted on the device before the download (a quarter of the bytes to copy).
+
+    ``warm_up``: with the UNet compiled, this many model calls of the stream's one layout are made
+    before the first frame enters, every row padding (nothing written to the bank, nothing output):
+    the compile (its second call: a layout's first runs eagerly) and a CUDA graph recording (its
+    third) then happen before the show, not in it. Counted in ``RunReport.first_output_s``.
     """
     started = time.monotonic()
     settings.check()
@@ -89,9 +99,9 @@ def run_stream(model, positive, negative, vae, frames: Iterable[Frame | torch.Te
     _carry_over(state, settings)
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
-    guider.set_cfg(1.0 if settings.residual else settings.cfg)  # residual CFG guides after the model call
+    guider.set_cfg(settings.cfg if settings.guidance == FULL else 1.0)  # residual CFG guides after the model call
     run = _Run(state, banks, settings, _schedule(state, model, settings), vae, on_output, frame_count, conditioning,
-               started)
+               started, uint8_output, warm_up)
     # Latents in float32 as ComfyUI keeps them, or float64 for a float64 model (exactness checks).
     zeros = torch.zeros(latent_shape, dtype=torch.float64 if model.model_dtype() == torch.float64 else torch.float32)
     try:
@@ -140,9 +150,11 @@ class _Run:
     """
 
     def __init__(self, state: StreamState, banks, settings: StreamSettings, schedule: Schedule, vae, on_output,
-                 frame_count: int | None, provider: Callable | None, started: float):
+                 frame_count: int | None, provider: Callable | None, started: float, uint8_output: bool = False,
+                 warm_up: int = 0):
         self.state, self.banks, self.settings, self.schedule, self.vae = state, banks, settings, schedule, vae
         self.on_output, self.frame_count, self.provider = on_output, frame_count, provider
+        self.uint8, self.warm_up = uint8_output, warm_up
         self.steps = len(schedule.sigma_values) - 1
         self.started = started
         self.report = RunReport()
@@ -154,6 +166,8 @@ class _Run:
         if out.held:
             self._not_finite(out.index)
         self.held_last = out.held
+        if self.uint8 and out.image.dtype != torch.uint8:  # an input shown while frames are in flight
+            out = dataclasses.replace(out, image=quantize(out.image))
         self.on_output(out)
 
     def _not_finite(self, index: int) -> None:
@@ -181,17 +195,21 @@ class _Run:
         own = FrameSchedule(sigmas.to(x.device, x.dtype), tuple(self.schedule.sigma_values),
                             NoiseSource(self.settings.seed, self.settings.fixed_noise), self.schedule.full_noise_first)
         schedules = FrameSchedules(base.model_sampling, own, self.settings.strength, self.settings.seed)
-        conds = RunConditioning(guider, self.frame_count, self.provider, x[:1], self.schedule.sigma_values, base,
-                                schedules)
         codec = DeviceCodec(self.vae)
         upload = Upload(codec.device)
+        conds = RunConditioning(guider, self.frame_count, self.provider, x[:1], self.schedule.sigma_values, base,
+                                Upload(x.device, upload.ring), schedules)
+        calls = StreamCalls(self.settings, model_k, guider, conds, own.sigmas, extra_args, self.banks,
+                            self.state.frame_data, pad=compile_mode(self.settings.compile) != OFF)
         runner = StreamRunner(
-            self.state, self._pipeline(model_k, guider, conds, x, own, extra_args), self.settings.stream_batch,
+            self.state, self._pipeline(guider, calls, x, own), self.settings.stream_batch,
             _keeps_in_flight(self.settings),
             encode=lambda image: base.process_latent_in(codec.encode(upload(image[..., :3]))).to(x.device, x.dtype),
             decode=lambda denoised: codec.decode(base.process_latent_out(denoised)),
-            admit=lambda frame, latent: self._admit(conds, frame, latent), on_output=self._output)
+            admit=lambda frame, latent: self._admit(conds, frame, latent), on_output=self._output,
+            finish=quantize if self.uint8 else None)
         try:
+            calls.warm_up(x, self.warm_up)
             runner.run(inputs, size)
         finally:
             report = self.report
@@ -207,101 +225,14 @@ class _Run:
             rows.x0 = latent
         return rows
 
-    def _pipeline(self, model_k, guider, conds: RunConditioning, x, own: FrameSchedule, extra_args) -> StreamPipeline:
-        """The stream batch over this run's schedule; each call split into row groups (see ``_row_groups``)."""
+    def _pipeline(self, guider, calls: StreamCalls, x, own: FrameSchedule) -> StreamPipeline:
+        """The stream batch over this run's schedule; its model calls are ``StreamCalls``."""
         state, sampling = self.state, guider.inner_model.model_sampling
-        call_options = self._call_options(extra_args["model_options"])
-
-        def denoise(rows, sigma, frames, steps):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            frame_rows = [state.frame_data.get(f) or FrameRows() for f in frames]
-            outs = []
-            for start, stop in intersect_runs(self._row_groups(steps), conds.groups(frame_rows, steps)):
-                group = frame_rows[start:stop]
-                plan = RowPlan(tuple(frames[start:stop]), tuple(steps[start:stop]), self.steps,
-                               fusion_alpha=group[0].fusion_alpha)
-                guider.conds = conds.conds_for(group, steps[start:stop])
-                cfg, delta, residual = self._guidance(group[0])
-                guider.cfg = 1.0 if residual else cfg  # residual CFG guides after the model call
-                out = model_k(rows[start:stop], sigma[start:stop], denoise_mask=None,
-                              model_options=call_options(plan), seed=extra_args.get("seed"))
-                if residual:
-                    negative = _Negative(guider, conds, call_options, plan, group)
-                    out = self._residual(rows[start:stop], sigma[start:stop], out, negative, cfg, delta)
-                outs.append(out)
-            return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         def noise_scaling(sigma, noise, latent, max_denoise):
             return sampling.noise_scaling(sigma.to(latent.dtype), noise, latent, max_denoise=max_denoise)
 
         if state.in_flight is not None and state.in_flight.x is not None:
             state.in_flight.x = state.in_flight.x.to(x.device, x.dtype)
-        return StreamPipeline(own.sigmas, list(own.sigma_values), denoise, noise_scaling, own.noise,
+        return StreamPipeline(own.sigmas, list(own.sigma_values), calls.denoise, noise_scaling, own.noise,
                               own.full_noise_first, state.in_flight if _keeps_in_flight(self.settings) else None)
-
-    def _guidance(self, row: FrameRows) -> tuple[float, float, bool]:
-        """A row group's cfg and delta (its frames' own after a live change, else the run's), and whether
-        residual CFG applies (a residual guidance with cfg other than 1)."""
-        cfg = float(self.settings.cfg if row.cfg is None else row.cfg)
-        delta = float(self.settings.residual_delta if row.residual_delta is None else row.residual_delta)
-        return cfg, delta, self.settings.guidance != FULL and cfg != 1.0
-
-    def _residual(self, x, sigma, denoised, negative: "_Negative", cfg: float, delta: float) -> torch.Tensor:
-        """Residual CFG for one row group ``[R, C, h, w]``, each row guided by its own frame's negative."""
-        for i, (row, step) in enumerate(zip(negative.group, negative.plan.steps)):
-            if row.x0 is None and step == 0:  # one-time negative: the frame's only real negative pass
-                row.x0 = negative.estimate(i, x[i:i + 1], sigma[i:i + 1])
-        refs = [row.x0 for row in negative.group]
-        if all(ref is not None for ref in refs):
-            return residual_guidance(x, denoised, refs[0] if len(refs) == 1 else torch.cat(refs), cfg, delta)
-        # A frame that entered before residual guidance was on (a stream restarts when it changes): unguided.
-        return torch.cat([d if ref is None else residual_guidance(r, d, ref, cfg, delta)
-                          for r, d, ref in zip(x.split(1), denoised.split(1), refs)])
-
-    def _call_options(self, options: dict) -> Callable[[RowPlan], dict]:
-        base_to = options.get("transformer_options", {})
-        banks = {bank.name: bank for bank in self.banks}
-
-        def for_plan(plan: RowPlan) -> dict:
-            return {**options, "transformer_options": {**base_to, PLAN_KEY: plan, RUN_BANKS_KEY: banks}}
-        return for_plan
-
-    def _row_groups(self, steps: list[int]) -> list[tuple[int, int]]:
-        """Rows split where they hold different numbers of banked frames (only while a bank fills up).
-
-        Rows with an empty bank join any group (padding them is exact); rows whose banks hold
-        different numbers of frames get separate calls, so no row attends to more or fewer
-        past frames than it would sequentially.
-        """
-        if not self.banks or len(steps) == 1:
-            return [(0, len(steps))]
-        groups: list[list] = []
-        for i, step in enumerate(steps):
-            held = tuple(bank.count(name, 0, step) for bank in self.banks for name in NAMES)
-            if groups and (not any(held) or groups[-1][2] == held or not any(groups[-1][2])):
-                groups[-1][1] = i + 1
-                if any(held):
-                    groups[-1][2] = held
-            else:
-                groups.append([i, i + 1, held])
-        return [(start, stop) for start, stop, _ in groups]
-
-
-class _Negative:
-    """The real negative pass of residual one-time-negative guidance, for one row of a group.
-
-    It runs the row's negative conditioning alone (``cond_or_uncond`` [1], so the bank keeps
-    negative features apart, as full CFG does) through ComfyUI's own batching: one extra row
-    per frame, at its first step.
-    """
-
-    def __init__(self, guider, conds: RunConditioning, call_options, plan: RowPlan, group: list[FrameRows]):
-        self.guider, self.conds, self.call_options, self.plan, self.group = guider, conds, call_options, plan, group
-
-    def estimate(self, i: int, x_row: torch.Tensor, sigma_row: torch.Tensor) -> torch.Tensor:
-        """The negative's clean estimate ``[1, C, h, w]`` for row ``i`` (its frame's ``x0_ref``)."""
-        plan = RowPlan((self.plan.frames[i],), (self.plan.steps[i],), self.plan.total_steps,
-                       fusion_alpha=self.plan.fusion_alpha)
-        negative = self.conds.conds_for([self.group[i]], [self.plan.steps[i]])["negative"]
-        return comfy.samplers.calc_cond_batch(self.guider.inner_model, [None, negative], x_row, sigma_row,
-                                              self.call_options(plan))[1]

@@ -49,10 +49,14 @@ class StreamSettings:
             raise ValueError(f"residual_delta must be in [0, 1] (StreamDiffusion's delta; 1 = the whole virtual "
                              f"negative), got {self.residual_delta}")
 
-    @property
-    def residual(self) -> bool:
-        """Residual CFG is in use: guidance above 1 with a virtual negative (one UNet pass per row)."""
-        return self.guidance != FULL and float(self.cfg) != 1.0
+
+def residual_applies(guidance: str, cfg: float) -> bool:
+    """Whether residual CFG guides a frame: a residual guidance and cfg above 1 (one UNet pass per row).
+
+    At cfg 1 or below a residual guidance runs the positive prompt alone, as StreamDiffusion does (it
+    guides only above 1): below 1 the virtual negative would pull each frame towards its own input
+    (self-negative) or its negative estimate, which is what strength already sets, at no saving."""
+    return guidance != FULL and float(cfg) > 1.0
 
 
 # --------------------------------------------------------------------------- input checks

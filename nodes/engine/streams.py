@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...streamv2v_core.bank.storage import FeatureBank, describe_changes
+from ...streamv2v_core.bank.feature_bank import FeatureBank, describe_changes
+from ...streamv2v_core.bank.registry import BankHandle
 from ...streamv2v_core.registry import Registry
 from ...streamv2v_core.stream.runner import RunnerState
 from .settings import FRESH, StreamSettings
@@ -56,7 +57,7 @@ def bank_handles(model) -> dict:
     for patch_list in model.model_options.get("transformer_options", {}).get("patches", {}).values():
         for patch in patch_list:
             handle = getattr(patch, "handle", None)
-            if handle is not None and hasattr(handle, "bank"):
+            if isinstance(handle, BankHandle):
                 found[handle.name] = handle
     return found
 
@@ -102,7 +103,7 @@ def open_stream(banks: list[FeatureBank], key: str | None, settings: StreamSetti
     for bank in banks:
         changed = bank.check_signature(signature)  # clears the bank, with the reason, if settings changed
         if fresh and not changed:
-            bank.reset(f"new stream ({who} with bank_start '{FRESH}')")
+            bank.reset(f"new stream ({who} with bank_start '{FRESH}')", keep_storage=True)
     if banks:
         key, generation = f"bank {banks[0].name}", banks[0].generation
         state = STREAMS.get(key)

@@ -50,19 +50,24 @@ def decision_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def feature_fusion(out: torch.Tensor, bank: torch.Tensor, alpha: "float | torch.Tensor", threshold: float,
-                   bank_unit: torch.Tensor | None = None) -> torch.Tensor:
+                   bank_unit: torch.Tensor | None = None, empty: torch.Tensor | None = None) -> torch.Tensor:
     """Fuse each output token with its cosine nearest neighbour in the bank (eq. 2), in one pass.
 
     out: ``[b, T, C]`` attention output of the current frame.
-    bank: ``[b, m, C]`` banked outputs of past frames; ``bank_unit`` the same, unit-norm
-        (stored with the bank so it is not normalised again every call).
+    bank: ``[b, m, C]`` banked outputs of past frames; ``bank_unit`` the same, unit-norm, in float32 at
+        least (stored with the bank so it is not normalised again every call).
+    alpha: a number, or ``[b, 1, 1]`` (one per row) in ``out``'s dtype.
+    empty: ``[b, m]`` additive mask, ``-inf`` at bank slots that hold no frame (never chosen).
     Returns ``[b, T, C]``: ``(1 - alpha) * O_t(p) + alpha * O_fb(q)`` with
     ``q = argmax cos(O_t(p), O_fb)``, except where that best similarity is below
-    ``threshold``, where the token stays unchanged.
+    ``threshold``, where the token stays unchanged. The cosines are computed in float32 at least
+    (float64 for float64 features), whatever the features' dtype.
     """
-    if bank_unit is None:  # decided in float32 at least, in float64 for float64 features
+    if bank_unit is None:
         bank_unit = unit(bank.to(decision_dtype(bank.dtype)))
     similarity = torch.bmm(unit(out.to(bank_unit.dtype)), bank_unit.transpose(1, 2))
+    if empty is not None:
+        similarity = similarity + empty.to(similarity.dtype).unsqueeze(1)
     best, nearest = similarity.max(dim=-1)
     matched = torch.gather(bank, 1, nearest.unsqueeze(-1).expand(-1, -1, out.shape[-1])).to(out.dtype)
     fused = torch.lerp(out, matched, alpha)

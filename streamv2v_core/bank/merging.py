@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+SIMILARITY_BLOCK = 1 << 24  # similarity values computed at once in a DyMe matching (64 MB in float32)
+
 
 @dataclass(frozen=True)
 class Matching:
@@ -70,8 +72,12 @@ def random_bipartite_matching(x: torch.Tensor, num_src: int, keys: torch.Tensor)
     # argmax over destinations of cos(src, dst) does not depend on |src|: only dst is normalised.
     dst = _gather_rows(xf, dst_idx)
     dst = dst / torch.linalg.vector_norm(dst, dim=-1, keepdim=True).clamp_min(1e-12)
-    similarity = torch.bmm(_gather_rows(xf, src_idx), dst.transpose(1, 2))
-    return Matching(src_idx, dst_idx, similarity.argmax(dim=-1))
+    src = _gather_rows(xf, src_idx)
+    # The similarity [R, num_src, M - num_src] in blocks of sources (each source's best match is its own row):
+    # at 512x512 the whole of it would be [5, 4096, 4096] floats (335 MB) at once.
+    block = max(1, SIMILARITY_BLOCK // max(1, rows * dst.shape[1]))
+    best = [torch.bmm(part, dst.transpose(1, 2)).argmax(dim=-1) for part in src.split(block, dim=1)]
+    return Matching(src_idx, dst_idx, best[0] if len(best) == 1 else torch.cat(best, dim=1))
 
 
 def apply_matching(x: torch.Tensor, matching: Matching) -> torch.Tensor:

@@ -9,11 +9,16 @@ ComfyUI's ``BasicTransformerBlock`` calls
 
 ``extra_options`` carries ``block`` (e.g. ``("output", 3)``), ``block_index`` (the
 transformer within that block), ``original_shape`` (the latent ``[B, C, H, W]``) and
-whatever the caller put into ``transformer_options``: here ``CALLS_KEY``, the
-``BankCall`` of each bank for this model call (made by the driver's wrapper before the
-UNet runs, flushed after it). Patch objects are immutable (a bank handle and settings):
-ComfyUI 0.3.x deep-copies them on ``clone()`` and 0.38.x shares them between clones, and
-both are safe. Per-call state never lives in them.
+whatever the caller put into ``transformer_options``: here the pack's ``ModelState``
+(``state.py``) with the ``BankCall`` of each bank for this model call (made by the driver's
+wrapper before the UNet runs, flushed after it). Patch objects are immutable (a bank handle
+and settings): ComfyUI 0.3.x deep-copies them on ``clone()`` and 0.38.x shares them between
+clones, and both are safe. Per-call state never lives in them.
+
+``MaskedAttention`` speaks the third protocol: ComfyUI's attention functions hand themselves
+to ``transformer_options["optimized_attention_override"](func, q, k, v, heads, ...)`` if one is
+set (every backend, ComfyUI 0.3.75 and newer). It passes the mask of a masked EA extension to
+the attention call that follows it, whatever backend the user runs.
 """
 from __future__ import annotations
 
@@ -23,8 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .storage import BANKS, BankHandle
-from .calls import CALLS_KEY, BankCall
+from ..log_once import warn_once
+from .calls import BankCall
+from .registry import BANKS, BankHandle
+from .state import model_state
 
 log = logging.getLogger("streamv2v")
 
@@ -32,16 +39,7 @@ ALL = "all"
 DECODER = "decoder"
 LOW_RES_DECODER = "low-res decoder"
 BLOCK_CHOICES = (ALL, DECODER, LOW_RES_DECODER)
-STREAM_KEY = "streamv2v_stream"  # on a model driven by the stream engine, which numbers frames itself
-
-_warned: set[str] = set()
-
-
-def warn_once(message: str) -> None:
-    """Log ``message`` once per process (a patch runs in every layer of every call)."""
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
+OVERRIDE_KEY = "optimized_attention_override"  # ComfyUI's transformer_options slot for an attention wrapper
 
 
 def resolution_level(tokens: int, original_shape) -> int | None:
@@ -61,8 +59,8 @@ def step_of(sigma: float, sample_sigmas) -> int:
 
 def bank_call(extra_options: dict, name: str, patch: str) -> BankCall | None:
     """This model call's ``BankCall`` for bank ``name``; warns once if the driver's wrapper did not run."""
-    calls = extra_options.get(CALLS_KEY)
-    if calls is None:
+    calls = model_state(extra_options).calls
+    if not calls:
         warn_once(f"StreamV2V {patch}: this model call carries no bank state (ComfyUI did not run the bank's "
                   f"apply_model wrapper); the bank is not used. Please report your ComfyUI version.")
         return None
@@ -171,3 +169,35 @@ class FeatureFusion:
         return call.fuse(layer_of(extra_options), out, self.alpha, self.threshold)
 
     to = ExtendedAttention.to
+
+
+@dataclass(frozen=True)
+class MaskedAttention:
+    """``optimized_attention_override``: the attention after a masked EA extension gets its mask.
+
+    previous: the override that was set before (another pack's), called in turn; else ComfyUI's own
+    attention function. Calls of other attentions (cross-attention, unpatched layers) pass unchanged.
+    """
+
+    previous: object = None
+
+    def __call__(self, func, *args, **kwargs):
+        masks = model_state(kwargs.get("transformer_options")).masks
+        if masks is not None and len(args) >= 3:
+            k = args[1]
+            mask = masks.take(k.shape[-2] if kwargs.get("skip_reshape") else k.shape[1], k.shape[0])
+            if mask is not None:
+                args, kwargs = _with_mask(args, kwargs, mask)
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _with_mask(args: tuple, kwargs: dict, mask: torch.Tensor) -> tuple[tuple, dict]:
+    """The attention arguments with ``mask`` (additive, ``[R, 1, 1, N]``) added to any mask they carry."""
+    given = args[4] if len(args) > 4 else kwargs.get("mask")
+    if given is not None:  # never the case for ComfyUI's self-attention; combined exactly if it comes
+        mask = torch.where(given, mask, float("-inf")) if given.dtype == torch.bool else mask + given
+    if len(args) > 4:
+        return args[:4] + (mask,) + args[5:], kwargs
+    return args, {**kwargs, "mask": mask}

@@ -36,6 +36,8 @@ def to_uint8(pixels: torch.Tensor | np.ndarray) -> np.ndarray:
     float dtype. For display, files and OpenCV input only, never for error arithmetic.
     """
     if isinstance(pixels, torch.Tensor):
+        if pixels.dtype == torch.uint8:  # already converted (``quantize``, on its device)
+            return np.ascontiguousarray(pixels.detach()[..., :3].cpu().numpy())
         pixels = pixels.detach()[..., :3].to("cpu", torch.float32).numpy()
     else:
         pixels = np.asarray(pixels)[..., :3]
@@ -43,6 +45,12 @@ def to_uint8(pixels: torch.Tensor | np.ndarray) -> np.ndarray:
     scaled = np.multiply(pixels, scale)
     np.clip(scaled, 0, 255, out=scaled)
     return np.rint(scaled, out=scaled).astype(np.uint8)
+
+
+def quantize(pixels: torch.Tensor) -> torch.Tensor:
+    """``to_uint8`` on the tensor's own device: ``[..., C]`` in 0..1 -> ``uint8 [..., 3]``, the same values
+    (float32 times 255, clipped, rounded half to even), so a GPU frame is downloaded at a quarter of the bytes."""
+    return (pixels.detach()[..., :3].float() * 255).clamp_(0, 255).round_().to(torch.uint8)
 
 
 def select_frames(frames: Iterable[Item], skip_first: int = 0, every_nth: int = 1, max_frames: int = 0) -> Iterator[Item]:

@@ -9,9 +9,10 @@ next lives in ``RunnerState`` (frame numbers, the similarity filter, frames in f
 their inputs and their own per-frame data), so N runs of k frames give the frames of one run
 of N*k.
 
-No non-finite value leaves the runner unsaid: each decoded frame carries whether its latent was
-finite (folded into the image on the device, no host sync), the host checks the image it receives
-anyway, and a frame that is not finite is handed out as ``Output.held`` with the last finite image.
+No non-finite value leaves the runner unsaid: each decoded frame carries a device flag saying whether
+it and its latent were finite, checked before an optional ``finish`` (the uint8 conversion) and copied
+down with the image (no host sync); the host checks a float image it receives anyway, and a frame
+that is not finite is handed out as ``Output.held`` with the last finite image.
 """
 from __future__ import annotations
 
@@ -59,13 +60,16 @@ class StreamRunner:
     """
 
     def __init__(self, state: RunnerState, pipeline: StreamPipeline, stream_batch: bool, keep_in_flight: bool,
-                 encode: Encode, decode: Decode, admit: Admit, on_output: Callable[[Output], None]):
+                 encode: Encode, decode: Decode, admit: Admit, on_output: Callable[[Output], None],
+                 finish: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.state, self.pipeline = state, pipeline
+        self.finish = finish  # applied on the device after the finiteness check, before the download (uint8)
         self.stream_batch, self.keep = stream_batch, keep_in_flight
         self.encode, self.decode, self.admit, self.on_output = encode, decode, admit, on_output
         self.inputs = self.outputs = self.reused = 0
         self.sources: dict[int, tuple[Frame, list[int]]] = {}  # frame in flight -> (its Frame, inputs it answers)
         self.last_finite: torch.Tensor | None = None  # the last finite image handed out (held for one that is not)
+        self.last_flag: torch.Tensor | None = None  # whether ``state.last_output`` was finite (a device bool)
 
     def run(self, inputs: Iterable, size: tuple[int, int]) -> None:
         """Push every input (a ``Frame`` or an image ``[H, W, 3]``, all of ``size`` (H, W)) and hand out every
@@ -121,14 +125,18 @@ class StreamRunner:
             return
         number, denoised = finished
         self.state.frame_data.pop(number, None)
-        image = _marked(self.decode(denoised), denoised)
+        image = self.decode(denoised)
+        finite = _finite_on_device(image, denoised)  # a device bool: travels down with the image, no sync
+        if self.finish is not None:
+            image = self.finish(image)
         if self.keep:  # the output answers the input entering now and shows the oldest frame in flight
             source = self.state.in_flight_inputs.popleft()
             indices = [entering.index]
         else:
             source, indices = self.sources.pop(number)
         self.state.last_output = (image, source)
-        handoff.put((indices, source, False), image)
+        self.last_flag = finite
+        handoff.put((indices, source, False), image, finite)
 
     def _skipped(self, frame: Frame, handoff: Handoff) -> None:
         """A frame the similarity filter skipped reuses the last processed frame's output."""
@@ -138,16 +146,17 @@ class StreamRunner:
             self.sources[max(pending)][1].append(frame.index)
         elif self.state.last_output is not None:
             image, source = self.state.last_output
-            handoff.put(([frame.index], source, True), image)
+            handoff.put(([frame.index], source, True), image, self.last_flag)
         elif self.keep and self.state.in_flight_inputs:
             oldest = self.state.in_flight_inputs[0]
             handoff.put(([frame.index], oldest, True), oldest.image)
 
-    def _deliver(self, payload, image: torch.Tensor) -> None:
+    def _deliver(self, payload, image: torch.Tensor, finite: torch.Tensor | None) -> None:
         indices, source, reused = payload
-        held = not _finite(image)
+        held = not _finite(image) or (finite is not None and not bool(np.asarray(finite).all()))
         if held:
-            image = self.last_finite if self.last_finite is not None else torch.full_like(image, 0.5)
+            grey = 128 if image.dtype == torch.uint8 else 0.5
+            image = self.last_finite if self.last_finite is not None else torch.full_like(image, grey)
         else:
             self.last_finite = image
         for k, index in enumerate(indices):
@@ -165,7 +174,7 @@ def _finite(image: torch.Tensor) -> bool:
     return bool(torch.isfinite(image).all())
 
 
-def _marked(image: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-    """``image`` ``[H, W, 3]``, all NaN if ``latent`` holds a value that is not finite (a decoder may clamp an
-    inf away). On the device: the check travels with the image's one copy to the host."""
-    return torch.where(torch.isfinite(latent).all(), image, torch.nan)
+def _finite_on_device(image: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool on the image's device: every value of ``image`` ``[H, W, 3]`` and of its ``latent`` is finite (a
+    decoder may clamp an inf away; an fp16 VAE may make NaN of a finite latent). Read after the download."""
+    return torch.isfinite(image).all() & torch.isfinite(latent).all().to(image.device)
