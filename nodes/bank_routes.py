@@ -7,9 +7,9 @@ POST   /streamv2v/banks/{name}/clear  forget the bank's features and frame count
                                       button); {"status": {...}}
 DELETE /streamv2v/banks/{name}        drop the bank and release its memory; {"removed", "bytes"}
 
-``POST /free`` with ``free_memory`` (the "Free memory" button / API) also drops every bank
-and every stream state: an aiohttp middleware observes that request after ComfyUI handled
-it (ComfyUI's own handler is unchanged).
+``POST /free`` with ``free_memory`` (the "Free memory" button / API) also drops every bank,
+every stream state and the compiled UNet graphs with their CUDA-graph memory pools: an aiohttp
+middleware observes that request after ComfyUI handled it (ComfyUI's own handler is unchanged).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from aiohttp import web
 from ..streamv2v_core.bank.storage import BANKS, MAX_NAME, check_bank_name
 from ..streamv2v_core.registry import clear_all_registries
 from .engine import bank_status
+from .engine.compiled_unet import release_compiled
 
 log = logging.getLogger("streamv2v")
 
@@ -58,9 +59,11 @@ async def delete_bank(request: web.Request) -> web.Response:
 
 
 def free_all(reason: str) -> int:
-    """Drop every bank, stream state, session and cursor; returns the bytes the banks held."""
+    """Drop every bank, stream state, session, cursor and compiled UNet graph (with its CUDA-graph memory
+    pools); returns the bytes the banks held."""
     held = BANKS.free(reason)
     clear_all_registries()  # stream states, browser sessions, frame cursors (whatever is registered)
+    release_compiled(reason)
     log.info("StreamV2V: %s released %.1f MiB of feature banks", reason, held / 2**20)
     return held
 

@@ -6,11 +6,9 @@ from typing import Callable
 
 import torch
 
-import comfy.patcher_extension
-
 from ...streamv2v_core.bank.patches import STREAM_KEY
 from ...streamv2v_core.stream.schedule import strength_timesteps
-from .compiled_unet import COMPILE_KEY, OFF, compile_wrapper
+from .compiled_unet import OFF, install_compile
 from .device_vae import attach
 
 # --------------------------------------------------------------------------- model preparation
@@ -57,10 +55,7 @@ def stream_model(model, vae, compile_unet=OFF):
         if options.get(key):
             options[key] = [per_row(fn, returns_list) for fn in options[key]]
     attach(model, vae)
-    wrapper = compile_wrapper(compile_unet, model.load_device)
-    if wrapper is not None:
-        model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY)
-        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY, wrapper)
+    install_compile(model, compile_unet)
     return model
 
 
