@@ -27,7 +27,7 @@ def eager_backend(monkeypatch):
     # pytest captures every log record; torch's structured trace log at DEBUG makes tracing ~80x slower.
     logging.getLogger("torch.__trace").setLevel(logging.WARNING)
     monkeypatch.setattr(compiled_unet, "COMPILE_BACKEND", "eager")
-    compiled_unet.forget_compiled()
+    compiled_unet.release_compiled("test")  # dynamo's caches too: no test counts another's graph variants
     yield
     compiled_unet.forget_compiled()
 
@@ -283,10 +283,10 @@ def micro():
     return tiny_models.micro_sd15_model(0), tiny_models.tiny_taesd_vae(1), tiny_models.random_conditioning("sd15", 1)
 
 
-def run1(micro, mode=DEFAULT, n=3):
+def run1(micro, mode=DEFAULT, n=3, size=32):
     model, vae, cond = micro
     outputs = []
-    frames = list(torch.rand(n, 32, 32, 3, generator=torch.Generator().manual_seed(0)))
+    frames = list(torch.rand(n, size, size, 3, generator=torch.Generator().manual_seed(0)))
     run_stream(model, cond, cond, vae, iter(frames), StreamSettings(seed=1, steps=1, compile=mode),
                lambda i, image: outputs.append(image))
     return torch.stack(outputs)
@@ -392,3 +392,19 @@ def test_cancel_during_the_first_compile_takes_effect_at_once_and_the_compile_fi
     assert compiled_unet.STATS.compiled == 3  # every call (its layout was met before)
     assert len(compiles) == 1  # with the graph the abandoned call compiled
     torch.testing.assert_close(after, eager, rtol=0, atol=1e-5)
+
+
+def test_past_the_recompile_limit_a_new_layout_runs_eagerly_with_a_log_line_and_compiled_ones_keep_running(
+        micro, monkeypatch, caplog):
+    """Dynamo's recompile limit (32 graph variants; 1 here) used to send new variants back to eager Python
+    silently: now the new layout runs eagerly with one log line, the graphs compiled before keep running."""
+    monkeypatch.setattr(compiled_unet, "RECOMPILE_LIMIT", 1)
+    run1(micro)
+    assert compiled_unet.STATS.compiled == 2
+    with caplog.at_level(logging.WARNING, logger="streamv2v"):
+        larger = run1(micro, size=48)  # another latent size: a second graph variant, past the limit of 1
+    assert compiled_unet.STATS.fallbacks == 1 and compiled_unet.STATS.compiled == 2
+    assert caplog.text.count("recompile limit") == 1 and "compiling the UNet failed" not in caplog.text
+    assert torch.equal(larger, run1(micro, OFF, size=48))
+    run1(micro)
+    assert compiled_unet.STATS.compiled == 5  # 32x32 compiled again from its first call (met before)

@@ -56,7 +56,7 @@ COMPILE_MODES = (OFF, DEFAULT, CUDA_GRAPHS)
 INDUCTOR_MODES = {DEFAULT: None, CUDA_GRAPHS: "reduce-overhead"}
 # Graph variants one stream needs (see README "Compiled path"): dynamo's default limit of 8 per code
 # object would silently send the rest of a stream back to eager Python, so the compiled call raises it
-# (and, where torch can, turns hitting it into an error: a logged fallback, not a silent one).
+# (and, where torch can, turns hitting it into an error: the layout runs eagerly with a log line).
 RECOMPILE_LIMIT = 32
 CUDA_MALLOC_MESSAGE = (
     "StreamV2V compile: CUDA graphs cannot run with the cudaMallocAsync allocator, which ComfyUI turns on by "
@@ -70,6 +70,10 @@ DYNAMIC_VRAM_MESSAGE = (
     "StreamV2V compile: CUDA graphs need the model's weights to stay in place, but ComfyUI loads this model "
     "with dynamic VRAM (weights stream in during the forward), so the UNet is compiled in 'default' mode "
     "instead")
+LIMIT_MESSAGE = (
+    f"StreamV2V compile: the UNet has {RECOMPILE_LIMIT} compiled graph variants (dynamo's recompile limit), so "
+    f"call layouts met from now on run uncompiled while the compiled ones keep running; ComfyUI's Free memory "
+    f"releases every graph and starts the count again")
 CORE_COMPILE_MESSAGE = (
     "StreamV2V compile: the model already goes through ComfyUI's TorchCompileModel node, so StreamV2V's "
     "compile setting ('{mode}') is skipped (two compiles must not stack); remove TorchCompileModel to use "
@@ -138,17 +142,26 @@ def compile_error_types() -> tuple[type, ...]:
     return tuple(kinds)
 
 
+def _chain(error: BaseException | None):
+    """``error`` and what it wraps (dynamo's ``inner_exception``, ``__cause__``), outermost first."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = getattr(error, "inner_exception", None) or error.__cause__
+
+
 def propagating_cause(error: BaseException) -> BaseException | None:
     """An out-of-memory error or ComfyUI interrupt that a compile error wraps, if any (followed to its root)."""
     propagate = (comfy.model_management.OOM_EXCEPTION, torch.OutOfMemoryError,
                  comfy.model_management.InterruptProcessingException)
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, propagate) and not isinstance(error, compile_error_types()):
-            return error
-        error = getattr(error, "inner_exception", None) or error.__cause__
-    return None
+    return next((e for e in _chain(error) if isinstance(e, propagate) and not isinstance(e, compile_error_types())),
+                None)
+
+
+def _recompile_limit_hit(error: BaseException) -> bool:
+    """Whether ``error`` (or what it wraps) is dynamo's "recompile limit hit" (``fail_on_recompile_limit_hit``)."""
+    return any(type(e).__name__ == "FailOnRecompileLimitHit" for e in _chain(error))
 
 
 _logged: set[str] = set()
@@ -178,6 +191,7 @@ class _Compiled:
     def __init__(self):
         self.failed: dict[tuple, str] = {}
         self.seen: set[tuple] = set()  # (key, call layout) met so far (see ``call_layout``)
+        self.uncompiled: set[tuple] = set()  # (key, call layout) past dynamo's recompile limit: eager
 
 
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, _Compiled]" = weakref.WeakKeyDictionary()
@@ -203,8 +217,9 @@ def forget_compiled() -> None:
 def release_compiled(reason: str) -> bool:
     """Drop the compiled graphs and their memory (ComfyUI's Free memory): dynamo's caches, and inductor's
     CUDA-graph trees with their memory pools, reset on the thread that holds them. Returns whether anything
-    had been compiled. The next compiled run compiles again."""
-    compiled = COMPILER.started
+    had been compiled since the last release (else nothing is reset). The next compiled run compiles again."""
+    with _lock:
+        compiled = bool(_FUNCTIONS)
     forget_compiled()
     if compiled:
         COMPILER.submit(_reset_compiled)  # queued behind a compile still running, never waited for here
@@ -261,11 +276,10 @@ class CompiledUNet:
 
     def __call__(self, executor, *args, **kwargs):
         base = executor.class_obj
-        module = base.diffusion_model
-        entry = _state(module)
+        entry = _state(base.diffusion_model)
         key = self._key(base)
         layout = (key, call_layout(args, kwargs))
-        if key in entry.failed or layout not in entry.seen or COMPILER.busy():
+        if key in entry.failed or layout in entry.uncompiled or layout not in entry.seen or COMPILER.busy():
             # A layout met for the first time runs eagerly: the pipeline's filling and draining calls (each
             # layout once a run) do not stall the stream for a graph they would use once; it compiles when
             # it comes back (the steady state from its second call, a later run's filling and draining).
@@ -281,12 +295,12 @@ class CompiledUNet:
                 raise cause from None  # out of memory / interrupt: as the eager call would raise it
             failure = error
         else:
-            if not request.ran:  # it ran eagerly: this model's forward has no wrapper point to compile
-                STATS.eager += 1
-                self._give_up(entry, key, RuntimeError(f"{type(module).__name__}'s forward has no "
-                                                       f"DIFFUSION_MODEL wrapper point"))
-            else:
+            if request.ran:
                 STATS.compiled += 1
+            else:  # it ran eagerly: this model's forward has no wrapper point to compile
+                STATS.eager += 1
+                self._give_up(entry, key, RuntimeError(f"{type(base.diffusion_model).__name__}'s forward has "
+                                                       f"no DIFFUSION_MODEL wrapper point"))
             return out
         # Outside the except clause, so that an error of the model itself is raised exactly as uncompiled
         # (not chained). The patches' per-call state is only staged, so running again is safe; compiling is
@@ -294,7 +308,11 @@ class CompiledUNet:
         # does not raise (a compile error, a CUDA-graph replay error, ...) turns compiling off, not the show.
         STATS.fallbacks += 1
         out = executor(*args, **kwargs)
-        self._give_up(entry, key, failure)
+        if _recompile_limit_hit(failure):  # this layout stays eager; the graphs compiled so far are kept
+            entry.uncompiled.add(layout)
+            _log_once(LIMIT_MESSAGE)
+        else:
+            self._give_up(entry, key, failure)
         return out
 
     def _give_up(self, entry: _Compiled, key: tuple, error: BaseException) -> None:
