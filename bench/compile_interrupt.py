@@ -62,7 +62,7 @@ def main() -> None:
     marks["run started"] = time.perf_counter()
     try:
         run_stream(model, cond, cond, vae, moving_texture(args.size, 10_000, seed=1), settings,
-                   lambda i, image: None, stream_key="compile-interrupt")
+                   lambda out: None, stream_key="compile-interrupt")
     except comfy.model_management.InterruptProcessingException:
         marks["run raised"] = time.perf_counter()
     busy_at_cancel = compiled_unet.COMPILER.busy()

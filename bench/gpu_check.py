@@ -233,7 +233,7 @@ def main() -> int:
 
 HEADER = ["#", "bank", "compile", "allocator", "ran as", "fps", "ms / frame", "latency p50 / p95 ms",
           "cold: first / worst frame ms", "UNet / ControlNet / VAE / bank ms a frame", "syncs / frame",
-          "peak VRAM MiB (bank; graph pools)", "dynamo graphs", "CUDA graphs recorded / re-recorded",
+          "peak VRAM MiB (bank; graph pools)", "dynamo graphs", "CUDA graphs recorded / re-recorded / skipped",
           "UNet calls compiled / eager / fell back", "row s"]
 
 
@@ -259,7 +259,7 @@ def stream_cells(number: int, row: Row, allocator: str, r: dict) -> list:
     return [number, row.bank, row.mode, allocator, ran_as(row, r), r["fps"], r["ms_frame"],
             f"{dash(r['p50'])} / {dash(r['p95'])}", f"{dash(r['cold_first'])} / {dash(r['cold_worst'])}",
             " / ".join(str(parts[p]) for p in ("UNet", "ControlNet", "VAE", "bank")), dash(r.get("syncs")), memory,
-            r["graphs"], f"{trees.get('recorded', '-')} / {trees.get('rerecorded', '-')}",
+            r["graphs"], f"{trees.get('recorded', '-')} / {trees.get('rerecorded', '-')} / {r['cudagraph_skips']}",
             f"{r['compiled_calls']} / {r['eager_calls']} / {r['fallbacks']}", r["seconds"]]
 
 

@@ -93,20 +93,23 @@ class PartTimer:
 
 
 class Clock:
-    """Latency of each frame: from the moment it is pulled from the source to its output reaching the sink."""
+    """Latency of each frame: from the moment it is pulled from the source to its output reaching the sink (the
+    output names its frame; the pipeline's fill, which shows an earlier input, is not counted)."""
 
-    def __init__(self, frames):
-        self.frames, self.pulled, self.latency = frames, [], []
+    def __init__(self, images):
+        self.images, self.mine, self.latency = images, set(), []
 
     def source(self):
-        for frame in self.frames:
-            self.pulled.append(time.perf_counter())
+        from streamv2v.streamv2v_core.stream.frame import Frame
+
+        for index, image in enumerate(self.images):
+            frame = Frame(image=image, index=index, received_at=time.monotonic())
+            self.mine.add(id(frame))
             yield frame
 
-    def sink(self, index: int) -> None:
-        frame = index - (STEPS - 1)  # frames in flight: output i is frame i - (S - 1)
-        if 0 <= frame < len(self.pulled):
-            self.latency.append(1000 * (time.perf_counter() - self.pulled[frame]))
+    def sink(self, out) -> None:
+        if id(out.source) in self.mine and out.index - out.source.index == STEPS - 1:
+            self.latency.append(1000 * (time.monotonic() - out.source.received_at))
 
     def quantile(self, q: float) -> float | None:
         ordered = sorted(self.latency)
@@ -121,17 +124,17 @@ class Sink:
         self.folder, self.size, self.note, self.sink, self.jpeg = folder, size, None, None, None
         self.nonfinite = 0
 
-    def put(self, index: int, image) -> None:
-        self.nonfinite += int((~image.isfinite()).sum())
+    def put(self, out) -> None:
+        self.nonfinite += int((~out.image.isfinite()).sum())
         if self.sink is None and self.jpeg is None:
             self._open()
         if self.sink is not None:
-            self.sink.put(index, image)
+            self.sink.put(out)
         else:
-            self.jpeg(image)
+            self.jpeg(out.image)
 
     def _open(self) -> None:
-        from streamv2v.nodes.loop_sink import LoopSink
+        from streamv2v.nodes.loop.sink import LoopSink
         from streamv2v.nodes.node_status import NodeStatus
         from streamv2v.streamv2v_core.live.session import BrowserSession
 
@@ -240,13 +243,13 @@ def cold_and_timed(worker: Worker, label: str, mode: str, key: str) -> dict:
     args = worker.args
     cold, sink = Clock(list(moving_texture(args.size, args.warmup, seed=1))), Sink(worker.folder, args.size)
     started = time.perf_counter()
-    worker.run(label, mode, cold.source(), lambda i, image: (sink.put(i, image), cold.sink(i)), key)
+    worker.run(label, mode, cold.source(), lambda out: (sink.put(out), cold.sink(out)), key)
     sync(args.device)
     warmup_s = time.perf_counter() - started
     timed = Clock(list(moving_texture(args.size, args.frames, seed=2)))
     with worker.timer.timing():
         started = time.perf_counter()
-        worker.run(label, mode, timed.source(), lambda i, image: (sink.put(i, image), timed.sink(i)), key)
+        worker.run(label, mode, timed.source(), lambda out: (sink.put(out), timed.sink(out)), key)
         sync(args.device)
         wall = time.perf_counter() - started
         parts = worker.timer.per_frame(args.frames)
@@ -270,7 +273,7 @@ def measure_stream(worker: Worker, spec: dict) -> dict:
     cuda, caught, counted = args.device == "cuda", [], 4
     if cuda:  # host-device syncs exist only on a GPU
         with cuda_sync_warnings(torch, args.device, caught):
-            worker.run(label, mode, moving_texture(args.size, counted, seed=3), lambda i, image: None, key)
+            worker.run(label, mode, moving_texture(args.size, counted, seed=3), lambda out: None, key)
     model = worker.parts[label][0]
     result.update(
         ran=compiled_unet.device_mode(mode, args.device, model),
@@ -279,7 +282,8 @@ def measure_stream(worker: Worker, spec: dict) -> dict:
         bank_mib=round(worker.parts[label][3].bank.nbytes() / 2**20, 1), pool_mib=graph_pool_mib(torch, cuda),
         graphs=counters["stats"]["unique_graphs"], compiles=counters["frames"]["total"],
         compiled_calls=compiled_unet.STATS.compiled, eager_calls=compiled_unet.STATS.eager,
-        fallbacks=compiled_unet.STATS.fallbacks, trees=cuda_graph_counts(torch) if cuda else None)
+        fallbacks=compiled_unet.STATS.fallbacks, trees=cuda_graph_counts(torch) if cuda else None,
+        cudagraph_skips=counters["inductor"]["cudagraph_skips"])
     return result
 
 
@@ -326,10 +330,10 @@ def measure_drift(worker: Worker, spec: dict) -> dict:
     reset_row(worker, label)
     frames = list(moving_texture(args.size, spec.get("frames", 8), seed=4))
     low = []
-    worker.run(label, "off", iter(frames), lambda i, image: low.append(image.float()), "gpu-check drift fp16")
+    worker.run(label, "off", iter(frames), lambda out: low.append(out.image.float()), "gpu-check drift fp16")
     model, handle = worker._banked(worker._model(torch.float32), label, "gpu-check-fp32")  # same seeds, fp32
     high = []
-    worker.run(label, "off", iter(frames), lambda i, image: high.append(image.float()), "gpu-check drift fp32",
+    worker.run(label, "off", iter(frames), lambda out: high.append(out.image.float()), "gpu-check drift fp32",
                model=model)
     handle.bank.reset("gpu check: drift measured")
     pairs = list(zip(low, high))[STEPS - 1:]  # the pipeline's first outputs are its inputs
@@ -349,11 +353,11 @@ def measure_pinned(worker: Worker, spec: dict) -> dict:
     cuda = args.device == "cuda" and hasattr(torch.cuda, "host_memory_stats")
     marks, sink = [], Sink(worker.folder, args.size)
 
-    def put(i, image):
-        sink.put(i, image)
-        if (i + 1) % every == 0:
+    def put(out):
+        sink.put(out)
+        if (out.index + 1) % every == 0:
             held = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) if cuda else 0
-            marks.append([i + 1, round(held / 2**20, 1)])
+            marks.append([out.index + 1, round(held / 2**20, 1)])
     started = time.perf_counter()
     worker.run(label, "off", moving_texture(args.size, total, seed=5), put, "gpu-check pinned")
     sync(args.device)

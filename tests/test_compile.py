@@ -288,7 +288,7 @@ def run1(micro, mode=DEFAULT, n=3, size=32):
     outputs = []
     frames = list(torch.rand(n, size, size, 3, generator=torch.Generator().manual_seed(0)))
     run_stream(model, cond, cond, vae, iter(frames), StreamSettings(seed=1, steps=1, compile=mode),
-               lambda i, image: outputs.append(image))
+               lambda out: outputs.append(out.image))
     return torch.stack(outputs)
 
 
