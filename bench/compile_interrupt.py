@@ -12,6 +12,7 @@ Usage: ``python bench/compile_interrupt.py --model micro --size 32 --backend ind
 from __future__ import annotations
 
 import argparse
+import itertools
 import threading
 import time
 
@@ -61,7 +62,7 @@ def main() -> None:
     settings = StreamSettings(steps=4, bank_start=IN_FLIGHT, compile="default")
     marks["run started"] = time.perf_counter()
     try:
-        run_stream(model, cond, cond, vae, moving_texture(args.size, 10_000, seed=1), settings,
+        run_stream(model, cond, cond, vae, itertools.cycle(list(moving_texture(args.size, 16, seed=1))), settings,
                    lambda out: None, stream_key="compile-interrupt")
     except comfy.model_management.InterruptProcessingException:
         marks["run raised"] = time.perf_counter()

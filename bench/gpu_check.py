@@ -263,7 +263,7 @@ def stream_cells(number: int, row: Row, allocator: str, r: dict) -> list:
             f"{r['compiled_calls']} / {r['eager_calls']} / {r['fallbacks']}", r["seconds"]]
 
 
-def check_lines(results: list) -> list[str]:
+def check_lines(args, results: list) -> list[str]:
     """The drift and pinned-memory rows, one line each."""
     lines = []
     for number, row, allocator, r in results:
@@ -272,7 +272,7 @@ def check_lines(results: list) -> list[str]:
         if "skipped" in r or "error" in r:
             lines.append(f"Row {number} ({row.kind}): {r.get('skipped') or 'error: ' + r['error']}")
         elif row.kind == "drift":
-            lines.append(f"Row {number}, fp16 against fp32 (eager DyMe(1), {r['frames']} frames, 0..1 pixels): "
+            lines.append(f"Row {number}, {args.dtype} against fp32 (eager DyMe(1), {r['frames']} frames, 0..1 pixels): "
                          f"{r['nonfinite']} NaN/Inf values, max |diff| {r['max_abs']}, mean |diff| {r['mean_abs']}")
         else:
             held = ", ".join(f"{mib} MiB at frame {n}" for n, mib in r["pinned_mib"]) if r["pinned_mib"] else "-"
@@ -296,7 +296,7 @@ def render(args, workers: dict, results: list, elapsed: float, planned: int) -> 
         notes.append(f"Worker {allocator}: " + (f"allocator in use {info['allocator']}, set up in {info['setup_s']} s "
                                                 f"(ComfyUI, models: weights {info['weights_mib']} MiB)"
                                                 if info.get("ready") else f"not ready: {info.get('error')}"))
-    notes += check_lines(results)
+    notes += check_lines(args, results)
     sinks = {r.get("sink") for *_, r in results if r.get("sink")}
     notes += [f"Sink: {s}" for s in sinks]
     nonfinite = sum(r.get("nonfinite", 0) for *_, r in results if "fps" in r and "parts" in r)

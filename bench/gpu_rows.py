@@ -120,9 +120,8 @@ class Sink:
     """The live loop's own sink (``LoopSink``: MP4 through PyAV, a JPEG per frame for the browser), or, where
     it cannot start, a JPEG-only stand-in, with the reason in ``note``."""
 
-    def __init__(self, folder: str, size: int):
-        self.folder, self.size, self.note, self.sink, self.jpeg = folder, size, None, None, None
-        self.nonfinite = 0
+    def __init__(self):
+        self.note, self.sink, self.jpeg, self.nonfinite = None, None, None, 0
 
     def put(self, out) -> None:
         self.nonfinite += int((~out.image.isfinite()).sum())
@@ -241,7 +240,7 @@ def reset_row(worker: Worker, label: str) -> None:
 def cold_and_timed(worker: Worker, label: str, mode: str, key: str) -> dict:
     """The cold run (compile included) and the timed run with the sink and the part timer."""
     args = worker.args
-    cold, sink = Clock(list(moving_texture(args.size, args.warmup, seed=1))), Sink(worker.folder, args.size)
+    cold, sink = Clock(list(moving_texture(args.size, args.warmup, seed=1))), Sink()
     started = time.perf_counter()
     worker.run(label, mode, cold.source(), lambda out: (sink.put(out), cold.sink(out)), key)
     sync(args.device)
@@ -351,7 +350,7 @@ def measure_pinned(worker: Worker, spec: dict) -> dict:
     reset_row(worker, label)
     total, every = spec["frames"], max(1, spec["frames"] // 5)
     cuda = args.device == "cuda" and hasattr(torch.cuda, "host_memory_stats")
-    marks, sink = [], Sink(worker.folder, args.size)
+    marks, sink = [], Sink()
 
     def put(out):
         sink.put(out)

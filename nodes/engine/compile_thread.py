@@ -30,7 +30,7 @@ POLL_S = 0.05  # how often the waiting caller looks at ComfyUI's interrupt flag
 def _in_caller_state(fn: Callable) -> Callable:
     """``fn`` to run on another thread with the caller's grad / inference mode, CUDA stream and context vars."""
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
-    stream = torch.cuda.current_stream() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    stream = torch.cuda.current_stream() if torch.cuda.is_initialized() else None  # the caller's, on its device
     context = contextvars.copy_context()
 
     def job():
