@@ -56,15 +56,15 @@ def test_gpu_check_runs_offline_from_the_bundle(bundle, tmp_path):
     assert "from the bundle: torchsde" in no_gpu.stderr and "av-" in no_gpu.stderr
 
     out = tmp_path / "gpu_check.md"
-    dry = check(["--device", "cpu", "--dry-run", "--rows", "2,9", "--frames", "4", "--warmup", "5",
-                 "--long-frames", "6", "--out", str(out)], python, env, prefix)
+    dry = check(["--device", "cpu", "--dry-run", "--rows", "2", "--frames", "4", "--warmup", "5", "--out", str(out)],
+                python, env, prefix)
     assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-5000:]
     text = out.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| 2 |"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[1:5] == ["DyMe(1)", "default", "-", "default"], row  # ran compiled (dynamo's eager backend)
     assert float(cells[5]) > 0 and int(cells[14].split("/")[0]) > 0, row  # fps; compiled UNet calls
-    assert "Row 9, pinned host memory" in text and "NaN/Inf values in the rows' output frames: 0" in text
+    assert "NaN/Inf values in the rows' output frames: 0" in text and "set up in" in text
     assert not log.exists() or not log.read_text(), log.read_text()  # no network, no pip/apt/curl/wget
 
 
