@@ -64,13 +64,16 @@ def wheel_fits(name: str) -> bool:
     return sys.version_info[:2] >= wanted if abi == "abi3" else sys.version_info[:2] == wanted
 
 
+def manifest(bundle: pathlib.Path) -> list[tuple[str, str]]:
+    """(module, wheel file) of every bundled wheel."""
+    lines = (bundle / "manifest.txt").read_text().splitlines()
+    return [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#")]
+
+
 def unpack_wheels(bundle: pathlib.Path, work: pathlib.Path) -> pathlib.Path | None:
     """Unpack the bundled wheels whose module is missing here into one folder; returns it (None: none)."""
     needed = []
-    for line in (bundle / "manifest.txt").read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        module, wheel = line.split()
+    for module, wheel in manifest(bundle):
         if importlib.util.find_spec(module) is not None:
             continue
         if not wheel_fits(wheel):
@@ -91,12 +94,13 @@ def unpack_wheels(bundle: pathlib.Path, work: pathlib.Path) -> pathlib.Path | No
     return site
 
 
-def missing(site: pathlib.Path | None) -> list[str]:
-    """Required modules found neither on this Python's path nor in ``site``."""
+def missing(site: pathlib.Path | None, bundled: list[str]) -> list[str]:
+    """Required modules (``REQUIRED`` and every bundled one: the pack's own requirements) found neither on
+    this Python's path nor in ``site``."""
     if site is not None:
         sys.path.insert(0, str(site))
         importlib.invalidate_caches()
-    return [module for module in REQUIRED if importlib.util.find_spec(module) is None]
+    return [module for module in dict.fromkeys([*REQUIRED, *bundled]) if importlib.util.find_spec(module) is None]
 
 
 def main() -> int:
@@ -107,10 +111,10 @@ def main() -> int:
         return 3
     comfy = unpack_comfyui(bundle, work)
     site = unpack_wheels(bundle, work)
-    absent = missing(site)
+    absent = missing(site, [module for module, _ in manifest(bundle)])
     if absent:
         print(f"[gpu_check] this Python ({sys.executable}) lacks what the check needs and the bundle does not "
-              f"hold: {', '.join(f'{m} (install {REQUIRED[m]})' for m in absent)}", file=sys.stderr)
+              f"hold: {', '.join(f'{m} (install {REQUIRED.get(m, m)})' for m in absent)}", file=sys.stderr)
         return 3
     path = os.pathsep.join([str(site)] * (site is not None) + [p for p in [os.environ.get("PYTHONPATH")] if p])
     print(f"COMFYUI_PATH={comfy}")

@@ -33,7 +33,9 @@ def check(args, python, env, prefix, timeout=600):
 
 def test_the_bundle_holds_comfyui_and_the_wheels_a_pytorch_image_lacks_within_60_mib(bundle):
     names = sorted(p.name for p in (bundle / "wheels").iterdir())
-    assert [n.split("-")[0] for n in names] == ["av", "einops", "torchsde", "tqdm", "trampoline"], names
+    # ComfyUI's (torchsde, trampoline, einops, tqdm), the pack's pure-Python requirements, PyAV for Python 3.11+
+    assert {"av", "einops", "torchsde", "tqdm", "trampoline", "python_osc"} <= {n.split("-")[0] for n in names}
+    assert not [n for n in names if not n.endswith("-none-any.whl") and not n.startswith("av-")], names
     manifest = (bundle / "manifest.txt").read_text()
     assert "ComfyUI 0.3.75" in manifest and all(name in manifest for name in names)
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
@@ -47,7 +49,8 @@ def test_gpu_check_runs_offline_from_the_bundle(bundle, tmp_path):
     env, prefix = offline_env(tmp_path, log)
     env.update(GPU_BUNDLE=str(bundle), GPU_CHECK_WORK=str(tmp_path / "work"))
     absent = subprocess.run([str(python), "-c", "import importlib.util as u; print([m for m in ('torchsde', 'av', "
-                             "'einops', 'trampoline') if u.find_spec(m)])"], capture_output=True, text=True, env=env)
+                             "'einops', 'trampoline', 'pythonosc') if u.find_spec(m)])"], capture_output=True,
+                            text=True, env=env)
     assert absent.stdout.strip() == "[]", absent  # the stand-in lacks what the bundle must bring
 
     no_gpu = check([], python, env, prefix)
