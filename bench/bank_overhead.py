@@ -371,7 +371,7 @@ def main() -> None:
                 order = order[::-1]
             for label, mode, size in order:
                 if mode is not None:
-                    handles[label].bank.frames_seen = 0  # a multiple of the interval: frames/interval updates
+                    handles[label].open().frames_seen = 0  # a multiple of the interval: frames/interval updates
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 breakdown.current = label
@@ -383,11 +383,11 @@ def main() -> None:
                 breakdown.current = None
                 assert n == args.frames
                 if cuda:
-                    others = sum(h.bank.nbytes() for k, h in handles.items() if k != label)
+                    others = sum(h.open().nbytes() for k, h in handles.items() if k != label)
                     peak_cuda[label] = max(peak_cuda[label], torch.cuda.max_memory_allocated() - others)
                 print(f"[round {r}] {label}: {seconds[label]:.1f} s so far", flush=True)
 
-        bank_bytes = {label: (handles[label].bank.nbytes() if label in handles else 0) for label, _, _ in VARIANTS}
+        bank_bytes = {label: (handles[label].open().nbytes() if label in handles else 0) for label, _, _ in VARIANTS}
 
         # Bank bytes at --bytes-size from one real frame.
         bytes_512 = None
@@ -395,9 +395,9 @@ def main() -> None:
             print(f"[bytes] one {args.bytes_size}x{args.bytes_size} frame, {args.bytes_steps} step(s)", flush=True)
             m, h = patched(base, "bench-bytes", "queue", 1)
             run_frames(m, cond, vae, moving_texture(args.bytes_size, 1), steps=args.bytes_steps)
-            one_frame = h.bank.nbytes() * 4 / args.bytes_steps
+            one_frame = h.open().nbytes() * 4 / args.bytes_steps
             bytes_512 = {label: one_frame * size for label, _, size in VARIANTS}
-            h.bank.reset("benchmark done")
+            h.open().reset("benchmark done")
 
     per_frame = {k: v / (args.frames * args.rounds) for k, v in seconds.items()}
     ref_t = per_frame["no bank"]

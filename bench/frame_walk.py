@@ -20,6 +20,7 @@ import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SKIP = (str(REPO / "tests"), str(REPO / "bench"), str(REPO / ".venv"), str(REPO / ".comfyui"))
+COMPREHENSIONS = ("<genexpr>", "<listcomp>", "<dictcomp>", "<setcomp>")  # expressions, not calls of the design
 # Code run inside every attention layer of every UNet call (the bank's patches): counted apart from the walk.
 PER_LAYER = ("streamv2v_core/bank/", "nodes/engine/bank_wrappers.py")
 
@@ -32,7 +33,7 @@ def counting_profile(calls: collections.Counter):
         if event != "call":
             return
         path = frame.f_code.co_filename
-        if path.startswith(root) and not path.startswith(SKIP):
+        if path.startswith(root) and not path.startswith(SKIP) and not frame.f_code.co_name.endswith(COMPREHENSIONS):
             calls[(pathlib.Path(path).relative_to(REPO).as_posix(), frame.f_code.co_qualname)] += 1
     return hook
 
@@ -98,7 +99,7 @@ def main() -> None:
     print(f"| calls of callbacks on that walk (closures, lambdas) | {sum(callbacks.values()):.1f} |")
     print(f"| distinct callbacks on that walk | {len(callbacks)} |")
     print()
-    for (path, name), n in sorted(per_frame.items(), key=lambda kv: (-kv[1], kv[0])):
+    for (path, name), n in sorted(walk.items(), key=lambda kv: (-kv[1], kv[0])):
         print(f"{n:7.1f}  {path}:{name}")
 
 

@@ -82,10 +82,12 @@ def stream_inputs() -> list:
                                 tooltip=f"Run the UNet (with the bank patches inside) through torch.compile. "
                                         f"'{OFF}': as usual. '{DEFAULT}': inductor's fused kernels. '{CUDA_GRAPHS}': "
                                         f"also replays each compiled graph as one CUDA graph, for the least launch "
-                                        f"overhead (CUDA devices only; elsewhere it runs '{DEFAULT}', with a note in "
-                                        f"the log). The first frames of the first stream take long while it "
-                                        f"compiles; if compiling fails the stream runs uncompiled, with a note in "
-                                        f"the log. Old workflows' true/false mean '{DEFAULT}'/'{OFF}'.")),
+                                        f"overhead (a CUDA device, ComfyUI started with --disable-cuda-malloc, the "
+                                        f"whole model on the GPU; otherwise it runs '{DEFAULT}', with a note in the "
+                                        f"log). The first frames of the first stream take long while it compiles "
+                                        f"(Cancel works meanwhile); if compiling fails the stream runs uncompiled, "
+                                        f"with a note in the log. Old workflows' true/false mean "
+                                        f"'{DEFAULT}'/'{OFF}'.")),
     ]
 
 

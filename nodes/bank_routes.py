@@ -13,9 +13,10 @@ Both change state: they take only requests of the server's own pages or of HTTP 
 with ``Content-Type: application/json`` (``request_guard.guarded``).
 
 ``POST /free`` with ``free_memory`` (the "Free memory" button / API) also clears every bank and
-drops every stream state and every bank no loop runs on: an aiohttp middleware observes that
-request after ComfyUI handled it (ComfyUI's own handler is unchanged). A running loop keeps its
-bank (cleared: its past is forgotten) under its name.
+drops every stream state, every bank no loop runs on and the compiled UNet graphs with their
+CUDA-graph memory pools: an aiohttp middleware observes that request after ComfyUI handled it
+(ComfyUI's own handler is unchanged). A running loop keeps its bank (cleared in place: its past
+is forgotten) under its name.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from aiohttp import web
 from ..streamv2v_core.bank.registry import BANKS, MAX_NAME, check_bank_name
 from ..streamv2v_core.registry import clear_all_registries
 from .engine import bank_status
+from .engine.compiled_unet import release_compiled
 from .request_guard import guarded
 
 log = logging.getLogger("streamv2v")
@@ -68,10 +70,11 @@ async def delete_bank(request: web.Request) -> web.Response:
 
 
 def free_all(reason: str) -> int:
-    """Clear every bank; drop every stream state, and every bank, session and cursor no loop runs on; returns the
-    bytes the banks held."""
+    """Clear every bank; drop every stream state, compiled UNet graph (with its CUDA-graph memory pools), and
+    every bank, session and cursor no loop runs on; returns the bytes the banks held."""
     held = BANKS.free(reason)
     clear_all_registries()  # stream states, browser sessions, frame cursors (whatever is registered)
+    release_compiled(reason)
     log.info("StreamV2V: %s released %.1f MiB of feature banks", reason, held / 2**20)
     return held
 

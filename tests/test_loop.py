@@ -248,7 +248,7 @@ def test_image_folder_skips_unreadable_images_and_scales_odd_sizes(parts, comfy_
     assert "skipped 1 image that could not be used: 002b.png (" in report and "WARNING" not in report
     assert "3 frames of another size scaled to 64x64" in report
     assert "frame size changed" not in caplog.text  # one stream, one size: the bank goes on through the run
-    assert parts[1].bank.status()["frames_seen"] == 6  # bank_start "fresh": this run's six frames
+    assert BANKS.find(parts[1].name).status()["frames_seen"] == 6  # bank_start "fresh": this run's six frames
 
 
 def test_next_frame_cursor_advances_batches_loops_and_resets(comfy_dirs):

@@ -21,7 +21,8 @@ from PIL import Image
 from host.clips import read_back
 from host.prompts import webcam_loop_prompt
 from host.server import PromptFailed
-from test_loop_server import FRAME_HEADERS, JSON_HEADERS, rss_mib, wait_for
+from host.waiting import wait_until
+from test_loop_server import FRAME_HEADERS, JSON_HEADERS, rss_mib
 
 SESSION, BANK = "show", "show_bank"
 TALL = "\u9f98"  # 龘: 4,000 of them are 160 CLIP chunks
@@ -117,14 +118,14 @@ def goes_on(server, frames: int = 3):
     done = status["frames_out"]
     images = []
     for k in range(1, frames + 1):
-        wait_for(lambda: get(server, f"/streamv2v/loop/{SESSION}/status")["frames_out"] >= done + k, timeout=90,
+        wait_until(lambda: get(server, f"/streamv2v/loop/{SESSION}/status")["frames_out"] >= done + k, timeout=90,
                  what=f"output {done + k}", show=lambda: server.log_tail(20))
         images.append(output_image(server))
     assert all(image.mean() > 20 for image in images), [image.mean() for image in images]  # black: NaN went out
     assert np.abs(images[-1] - images[0]).max() > 8, "the output stopped following the video"
     code, answer = send(server, "POST", f"/streamv2v/banks/{BANK}/clear", b"{}", JSON_HEADERS)
     assert code == 200 and answer["status"]["last_reset"] == "cleared with the Clear bank button", answer
-    wait_for(lambda: bank_status(server)["entries"] > 0, timeout=60, what="the loop to fill the bank it reads again")
+    wait_until(lambda: bank_status(server)["entries"] > 0, timeout=60, what="the loop to fill the bank it reads again")
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def show(comfy_server):
     send(comfy_server, "DELETE", f"/streamv2v/banks/{BANK}")
     prompt_id = comfy_server.queue_prompt(show_prompt(SESSION, "safety/show"))
     feeder = Feeder(comfy_server, SESSION)
-    wait_for(lambda: get(comfy_server, f"/streamv2v/loop/{SESSION}/status")["running"], timeout=120,
+    wait_until(lambda: get(comfy_server, f"/streamv2v/loop/{SESSION}/status")["running"], timeout=120,
              what="the show to start", show=lambda: comfy_server.log_tail(30))
     feeder.thread.start()
     try:
@@ -181,7 +182,7 @@ def test_the_worst_case_blend_costs_a_bounded_multiple_of_the_longer_prompt(show
     before = rss_mib(pid)
     changes = get(server, f"/streamv2v/loop/{SESSION}/params")["changes"]
     assert params(server, {"prompt": TALL * 4000, "blend_frames": 0})[0] == 200
-    wait_for(lambda: get(server, f"/streamv2v/loop/{SESSION}/params")["changes"] > changes, timeout=90,
+    wait_until(lambda: get(server, f"/streamv2v/loop/{SESSION}/params")["changes"] > changes, timeout=90,
              what="prompt A to apply")
     assert params(server, {"prompt": TALL * 3975, "blend_frames": 4})[0] == 200
     goes_on(server, frames=4)  # the blend's frames
@@ -200,13 +201,13 @@ def test_a_flood_of_prompt_changes_is_coalesced_one_encode_a_frame(show):
     """200 prompts as fast as HTTP takes them: every one answered 200 (before: 429 after 16), at most one applied
     per frame, the others counted as superseded."""
     server, _ = show
-    wait_for(lambda: get(server, f"/streamv2v/loop/{SESSION}/params")["pending"] == 0, timeout=60,
+    wait_until(lambda: get(server, f"/streamv2v/loop/{SESSION}/params")["pending"] == 0, timeout=60,
              what="the earlier change to apply")
     before = get(server, f"/streamv2v/loop/{SESSION}/params")
     frames_before = get(server, f"/streamv2v/loop/{SESSION}/status")["frames_out"]
     codes = [params(server, {"prompt": f"a watercolor painting {i}"})[0] for i in range(200)]
     assert codes == [200] * 200
-    after = wait_for(lambda: (s := get(server, f"/streamv2v/loop/{SESSION}/params"))["current"]["prompt"] ==
+    after = wait_until(lambda: (s := get(server, f"/streamv2v/loop/{SESSION}/params"))["current"]["prompt"] ==
                      "a watercolor painting 199" and s, timeout=60, what="the newest prompt to apply")
     frames = get(server, f"/streamv2v/loop/{SESSION}/status")["frames_out"] - frames_before
     applied = after["changes"] - before["changes"]
@@ -223,8 +224,8 @@ def test_frames_that_come_out_not_finite_neither_blacken_the_show_nor_poison_the
     server, _ = show
     problems = get(server, f"/streamv2v/loop/{SESSION}/params")["problems"]
     assert send(server, "POST", "/streamv2v_test/fault", json.dumps({"nan_calls": 2}).encode(), JSON_HEADERS)[0] == 200
-    wait_for(lambda: get(server, "/streamv2v_test/fault")["armed"] == 0, timeout=60, what="the spoiled calls")
-    state = wait_for(lambda: (s := get(server, f"/streamv2v/loop/{SESSION}/params"))["problems"] > problems and s,
+    wait_until(lambda: get(server, "/streamv2v_test/fault")["armed"] == 0, timeout=60, what="the spoiled calls")
+    state = wait_until(lambda: (s := get(server, f"/streamv2v/loop/{SESSION}/params"))["problems"] > problems and s,
                      timeout=60, what="the panel to hear of it")
     assert "came out not finite (NaN/inf)" in [e for e in state["log"] if "problem" in e][-1]["problem"]
     assert re.search(rf"bank '{BANK}' cleared: input \d+ came out not finite", server.log_text())
@@ -242,7 +243,7 @@ def test_the_running_loops_bank_stays_its_bank_after_free_memory(show):
     assert code == 409 and "read by a running loop" in answer["error"], answer
     changes = get(server, f"/streamv2v/loop/{SESSION}/params")["changes"]
     assert params(server, {"clear_bank": True})[0] == 200
-    wait_for(lambda: get(server, f"/streamv2v/loop/{SESSION}/params")["changes"] > changes, timeout=60,
+    wait_until(lambda: get(server, f"/streamv2v/loop/{SESSION}/params")["changes"] > changes, timeout=60,
              what="the live clear")
     assert bank_status(server)["last_reset"].startswith("cleared live")
     goes_on(server)  # also: the route clears it, and the loop fills that same bank again
@@ -314,7 +315,7 @@ def test_changes_sent_before_the_first_frame_are_reported_as_discarded(comfy_ser
     """A loop stopped while it waited for its first frame lists the change it never applied (before: dropped
     silently)."""
     prompt_id = comfy_server.queue_prompt(show_prompt("early", "safety/early"))
-    wait_for(lambda: get(comfy_server, "/streamv2v/loop/early/status")["running"], timeout=120, what="the loop")
+    wait_until(lambda: get(comfy_server, "/streamv2v/loop/early/status")["running"], timeout=120, what="the loop")
     assert params(comfy_server, {"blend_frames": 3}, session="early")[0] == 200
     send(comfy_server, "POST", "/streamv2v/loop/early/stop", b"{}", JSON_HEADERS)
     comfy_server.wait(prompt_id, timeout=120)

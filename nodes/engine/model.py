@@ -10,7 +10,7 @@ import comfy.patcher_extension
 
 from ...streamv2v_core.bank.state import with_state
 from ...streamv2v_core.stream.schedule import strength_timesteps
-from .compiled_unet import COMPILE_KEY, OFF, compile_wrapper
+from .compiled_unet import OFF, install_compile
 from .controlnets import RowControl
 from .device_vae import attach
 
@@ -64,10 +64,7 @@ def stream_model(model, vae, compile_unet=OFF):
     apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
     model.remove_wrappers_with_key(apply_model, ROW_CONTROL_KEY)
     model.add_wrapper_with_key(apply_model, ROW_CONTROL_KEY, RowControl())  # outside the compiled UNet
-    wrapper = compile_wrapper(compile_unet, model.load_device)
-    if wrapper is not None:
-        model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY)
-        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY, wrapper)
+    install_compile(model, compile_unet)
     return model
 
 

@@ -32,11 +32,13 @@ def comfy_path() -> pathlib.Path:
     return pathlib.Path(os.environ.get("COMFYUI_PATH") or (REPO_ROOT / ".comfyui")).resolve()
 
 
-def setup_host(device: str = "cpu", threads: int | None = None):
+def setup_host(device: str = "cpu", threads: int | None = None, cuda_malloc: bool = False):
     """Make ComfyUI importable, bind it to ``device`` ("cpu" or "cuda") and load the pack.
 
     Returns the pack module (``streamv2v``). Call once, before anything imports
     ``comfy.model_management``; calling again returns the already loaded pack.
+    ``cuda_malloc``: choose the CUDA allocator as ComfyUI's ``main.py`` does (its ``cuda_malloc.py``:
+    cudaMallocAsync on CUDA builds of torch, set before torch is imported); else PyTorch's native one.
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -64,6 +66,11 @@ def setup_host(device: str = "cpu", threads: int | None = None):
     # PyTorch's SDPA attention, as ComfyUI uses on GPUs (on a CPU it would pick its sub-quadratic
     # attention, whose Python loop over chunks no GPU user runs).
     comfy.cli_args.args.use_pytorch_cross_attention = True
+    comfy.cli_args.args.disable_cuda_malloc = not cuda_malloc
+    if cuda_malloc and device == "cuda":
+        if "torch" in sys.modules:
+            raise RuntimeError("torch was imported before setup_host(cuda_malloc=True): the allocator is chosen first")
+        import cuda_malloc as _  # noqa: F401  (ComfyUI's module: sets PYTORCH_CUDA_ALLOC_CONF on import)
 
     import torch
 
