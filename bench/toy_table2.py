@@ -99,6 +99,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model-dir", default=None, help="toy model folder (default scripts/toy_model)")
     p.add_argument("--sections", default="1234", help="which sections to run, e.g. 23")
+    p.add_argument("--groups", default="",
+                   help="section 2: only the row groups whose name holds one of these comma-separated words "
+                        "(e.g. 'fresh' or 'fixed,img2img'), to measure a table in several processes")
     p.add_argument("--out", default=None, help="also write the tables to this markdown file")
     return p.parse_args(argv)
 
@@ -182,8 +185,8 @@ def verdict(stats_row: dict, what: str = "warp error") -> str:
         return f"{what} identical to no bank"
     direction = "lower" if stats_row["diff"] < 0 else "higher"
     sure = max(stats_row["p_t"], stats_row["p_w"]) < 0.05
-    return (f"{what} {direction} by {abs(stats_row['diff']):.2f} ({abs(stats_row['rel']):.1%}; 95% interval "
-            f"{stats_row['diff'] - stats_row['half']:+.2f}..{stats_row['diff'] + stats_row['half']:+.2f}), "
+    return (f"{what} {direction} by {abs(stats_row['diff']):.3g} ({abs(stats_row['rel']):.1%}; 95% interval "
+            f"{stats_row['diff'] - stats_row['half']:+.3g}..{stats_row['diff'] + stats_row['half']:+.3g}), "
             f"{'significant' if sure else 'not significant'} at 0.05 (paired t p={stats_row['p_t']:.2g}, "
             f"Wilcoxon p={stats_row['p_w']:.2g}, {stats_row['n']} frame pairs)")
 
@@ -194,11 +197,12 @@ def quality(toy):
     """Section 1 rows: per held-out segment, PSNRs of reconstruction and style fidelity."""
     import torch
 
-    from toy_world import psnr
+    from toy_world import correlation, psnr
 
     lines = ["| held-out segment | autoencoder PSNR | SDEdit 0.4, photo prompt: PSNR to the frame | "
-             "input vs its style | photo prompt vs style | style prompt vs style | style gain (dB) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "input vs its style | photo prompt vs style | style prompt vs style | style gain (dB) | "
+             "style prompt: correlation to the input |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     gains = []
     for name, frames in toy.clips.items():
         with torch.inference_mode():
@@ -209,12 +213,14 @@ def quality(toy):
         gain = psnr(style, target) - psnr(photo, target)
         gains.append(gain)
         lines.append(f"| {name} | {psnr(recon, frames):.2f} | {psnr(photo, frames):.2f} | {psnr(frames, target):.2f} | "
-                     f"{psnr(photo, target):.2f} | {psnr(style, target):.2f} | {gain:+.2f} |")
+                     f"{psnr(photo, target):.2f} | {psnr(style, target):.2f} | {gain:+.2f} | "
+                     f"{correlation(style, frames):.3f} |")
         print(lines[-1], file=sys.stderr, flush=True)
     lines.append("")
     lines.append(f"PSNR in dB on 0..1 pixels. Style gain: PSNR to the frame's OpenCV style with the style prompt minus "
                  f"with the photo prompt (mean {statistics.fmean(gains):+.2f} dB); both through the stream engine, "
-                 f"stream batch, no bank, 4 steps, strength 0.4, cfg 1.")
+                 f"stream batch, no bank, 4 steps, strength 0.4, cfg 1. Correlation: Pearson, of the luma of the "
+                 f"restyled frames and of the input frames over all pixels (what the demo prints).")
     return lines
 
 
@@ -241,14 +247,17 @@ def spread(values) -> tuple[float, float]:
     return statistics.fmean(finite), statistics.pstdev(finite)
 
 
-def table2(toy):
+def table2(toy, groups: str = ""):
     """Section 2 rows: warp error and change (mean, std over frame pairs), each bank row against its group's
-    no-bank row pair by pair, and style fidelity."""
+    no-bank row pair by pair, and style fidelity. ``groups``: comma-separated words, one of which a row's group
+    must hold (all rows if empty)."""
+    words = [w for w in groups.split(",") if w]
+    rows = [row for row in ROWS if not words or any(w in row.group for w in words)]
     lines = ["| row | warp error | std over pairs | vtest / Megamind / tree | vs no bank: paired difference (95%) "
              "| p (t / Wilcoxon) | change (1/255) | std | style PSNR | paper (SD1.5 + LCM, 512 px) | s |",
              "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|"]
     results, statements, group = {}, [], None
-    for row in ROWS:
+    for row in rows:
         if row.group != group:
             group = row.group
             lines.append(f"| ***{group}*** | | | | | | | | | | |")
@@ -423,7 +432,7 @@ def main(argv=None) -> int:
     setup_host("cpu", threads=args.threads)
     toy = Toy(args)
     sections = {"1": ("1. Quality on held-out frames", lambda: quality(toy)),
-                "2": ("2. Table 2 / Fig. 8 at toy scale", lambda: table2(toy)),
+                "2": ("2. Table 2 / Fig. 8 at toy scale", lambda: table2(toy, args.groups)),
                 "3": ("3. Flicker on a static clip", lambda: flicker(toy, args.static_frames)),
                 "4": ("4. DyMe matching: n vs to_k(n)", lambda: dyme_matching(toy))}
     command = "python " + " ".join(shlex.quote(a) for a in ["bench/toy_table2.py", *(argv or sys.argv[1:])])
