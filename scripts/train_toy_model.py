@@ -583,10 +583,11 @@ class Trainer:
         """What ``train_log.json`` holds: the command, times, sizes, loss curves and held-out measurements."""
         unet_losses = [v for _, v, _ in self.log["unet"]]
         evals = self.log["unet_eval"]
-        mark = next((e for e in evals if e[0] >= 0.8 * self.args.unet_steps), None)
+        # The evaluation nearest before the last fifth starts (evaluations come every --eval-every steps).
+        mark = ([e for e in evals if e[0] <= 0.8 * self.args.unet_steps] or [None])[-1]
         flat = {"training loss": round(last_fifth_gain(unet_losses), 4) if unet_losses else None}
         if mark and evals:
-            flat.update({f"{group} eval loss": round(1 - evals[-1][1][group] / mark[1][group], 4)
+            flat.update({f"{group} eval loss since step {mark[0]}": round(1 - evals[-1][1][group] / mark[1][group], 4)
                          for group in evals[-1][1]})
         return {"command": command, "train_seconds": {k: round(v, 1) for k, v in self.seconds.items()},
                 "wall_seconds": {k: round(v, 1) for k, v in self.wall.items()},
