@@ -148,7 +148,7 @@ def conclusion(rows, toy: bool) -> list[str]:
              f"without the bank, {bank['correlation_to_input']} with it)."]
     if toy:
         lines.append(f"[demo] fidelity to the OpenCV style (PSNR): no bank {plain['psnr_to_style']} dB, bank "
-                     f"{bank['psnr_to_style']} dB. Toy scale: a 5M-parameter model (UNet + VAE) trained here on one CPU thread, 128 px; "
+                     f"{bank['psnr_to_style']} dB. Toy scale: a 5M-parameter model (UNet + VAE) trained here on a 2-core CPU, 128 px; "
                      f"it shows the mechanism, not SD1.5's quality. Full numbers: bench/results/toy_table2-cpu.md.")
     return lines
 

@@ -114,9 +114,9 @@ def test_committed_weights_load_and_restyle_held_out_frames():
     with torch.inference_mode():
         assert torch.equal(core_vae.encode(frames), vae.encode(frames))
         recon = vae.decode(vae.encode(frames)).float()
-    assert _psnr(recon, frames) > 20
+    assert _psnr(recon, frames) > 23  # 24.0 dB with the committed weights
     photo = _restyle(model, clip, vae, frames, "a photo")
-    assert torch.isfinite(photo).all() and _psnr(photo, frames) > 17
+    assert torch.isfinite(photo).all() and _psnr(photo, frames) > 18.5  # 19.6 dB
 
 
 def test_demo_runs_a_checkpoint_file_with_a_lora(tmp_path, capsys):
