@@ -91,3 +91,12 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB between two image batches ``[..., 3]`` in 0..1 (mean squared error over everything)."""
     mse = torch.mean((a.float() - b.float()) ** 2).item()
     return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of the luma (Rec. 601) of two image batches ``[..., 3]`` over all their pixels:
+    1 when one follows the other up to brightness and contrast, 0 when unrelated."""
+    weights = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
+    x, y = (a.double() @ weights).flatten(), (b.double() @ weights).flatten()
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / (x.norm() * y.norm()).clamp_min(1e-12))

@@ -53,24 +53,45 @@ def _psnr(a, b):
     return float(10 * torch.log10(1 / ((a - b) ** 2).mean()))
 
 
-def test_training_script_runs_and_resumes(tmp_path, capsys):
+def test_training_script_runs_resumes_and_splits_its_phases(tmp_path, capsys):
     train = _script("train_toy_model")
-    argv = ["--synthetic", "--frames", "4", "--size", "64", "--crop", "32", "--ae-steps", "2", "--unet-steps", "2",
-            "--ae-batch", "2", "--unet-batch", "4", "--save-every", "1",
-            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
-    assert train.main(argv) == 0
-    log = json.loads((tmp_path / "out" / "train_log.json").read_text())
+    base = ["--synthetic", "--frames", "4", "--size", "64", "--crop", "32", "--ae-steps", "2", "--unet-steps", "2",
+            "--ae-batch", "2", "--unet-batch", "4", "--save-every", "1"]
+
+    def run(name, *extra):
+        return train.main([*base, *extra, "--work", str(tmp_path / name), "--out", str(tmp_path / f"{name}_out")])
+
+    assert run("a") == 0
+    log = json.loads((tmp_path / "a_out" / "train_log.json").read_text())
     assert [len(log["curves"]["ae"]), len(log["curves"]["unet"])] == [2, 2]
     assert "--synthetic" in log["command"]
-    model, clip, vae = load_toy_model(tmp_path / "out")
+    model, clip, vae = load_toy_model(tmp_path / "a_out")
     frames = torch.rand(3, 64, 64, 3)
     out = _restyle(model, clip, vae, frames, "a photo")
     assert out.shape == frames.shape and torch.isfinite(out).all()
     capsys.readouterr()
-    assert train.main(argv) == 0  # everything done: resumes and only rewrites the files
-    assert "resumed from" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="other settings"):
-        train.main([*argv[:-4], "--unet-steps", "3", *argv[-4:]])
+    assert run("a") == 0  # everything done: resumes and only rewrites the files
+    assert "resumed" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="other settings"):  # past its decay a phase cannot be lengthened
+        train.main([*base, "--unet-steps", "3", "--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_out")])
+    # Before its decay the learning rate does not depend on the step count: a run may be lengthened then.
+    assert [train.learning_rate(s, 100, 1e-3) for s in range(81)] == [train.learning_rate(s, 900, 1e-3) for s in range(81)]
+
+    # Started from the first model with its encoder kept, the phases give the same weights in one process
+    # or in two (UNet first), and the log keeps the earlier model's.
+    frozen = ["--init-from", str(tmp_path / "a_out"), "--freeze-encoder"]
+    assert run("b", *frozen) == 0
+    assert run("c", *frozen, "--phase", "unet") == 0 and run("c", *frozen, "--phase", "ae") == 0
+    files = {(run_name, name): comfy.utils.load_torch_file(str(tmp_path / f"{run_name}_out" / name))
+             for run_name in "abc" for name in (UNET_FILE, VAE_FILE)}
+    for name in (UNET_FILE, VAE_FILE):
+        one, two = files["b", name], files["c", name]
+        assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    first, kept = files["a", VAE_FILE], files["c", VAE_FILE]
+    assert all(torch.equal(first[k], kept[k]) for k in first if k.startswith("taesd_encoder"))
+    assert not torch.equal(first["taesd_decoder.1.weight"], kept["taesd_decoder.1.weight"])
+    earlier = json.loads((tmp_path / "c_out" / "train_log.json").read_text())["initialised_from"]["its_log"]
+    assert earlier["command"] == log["command"]
 
 
 def test_committed_weights_load_and_restyle_held_out_frames():
@@ -94,9 +115,9 @@ def test_committed_weights_load_and_restyle_held_out_frames():
     with torch.inference_mode():
         assert torch.equal(core_vae.encode(frames), vae.encode(frames))
         recon = vae.decode(vae.encode(frames)).float()
-    assert _psnr(recon, frames) > 20
+    assert _psnr(recon, frames) > 23  # 24.0 dB with the committed weights
     photo = _restyle(model, clip, vae, frames, "a photo")
-    assert torch.isfinite(photo).all() and _psnr(photo, frames) > 17
+    assert torch.isfinite(photo).all() and _psnr(photo, frames) > 18.5  # 19.6 dB
 
 
 def test_demo_runs_a_checkpoint_file_with_a_lora(tmp_path, capsys):
