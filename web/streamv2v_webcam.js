@@ -38,6 +38,7 @@ const HIDDEN_FOR = {
   "image folder": ["camera_index"],
   "camera": ["file", "every_nth"],
   [BROWSER]: ["file", "camera_index", "every_nth"],
+  "take": ["camera_index"],  // a take replays its own frames: the file is the take's folder
 };
 
 function widget(node, name) {

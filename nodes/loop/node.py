@@ -23,7 +23,7 @@ from .inputs import source_inputs
 from .instrument import InstrumentChoice, LoopInstrument, instrument_inputs
 from .sink import LoopSink, drops_text
 from .sources import BROWSER, LIVE_SOURCES, VIDEO_FILE, FramePick, FrameStream, SourceChoice
-from .takes import session_free
+from .one_take import session_free
 from ..node_status import NodeStatus, node_id_of
 from ..output_files import check_prefix
 from .._schema import VIDEO_CATEGORY, NodeInputs, advanced, guidance_inputs, model_inputs, stream_inputs
