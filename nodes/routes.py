@@ -21,7 +21,8 @@ def register_routes() -> bool:
     instance = running_server()
     if instance is None or _registered:
         return _registered
-    add_loop_routes(instance.routes)
-    add_bank_routes(instance.routes, getattr(instance, "app", None))
+    app = getattr(instance, "app", None)
+    add_loop_routes(instance.routes, app)
+    add_bank_routes(instance.routes, app)
     _registered = True
     return True

@@ -323,11 +323,12 @@ def test_every_bank_name_a_prompt_can_use_clears_and_deletes_and_others_are_refu
     assert "forged line" not in comfy_server.log_text()
 
 
-def test_a_bad_file_is_reported_on_file_alone_and_a_bad_prefix_names_itself(comfy_server):
+def test_a_bad_file_is_reported_on_file_and_source_alone_and_a_bad_prefix_names_itself(comfy_server):
     with pytest.raises(Exception) as refused:
         comfy_server.queue_prompt(loop_prompt("x/y", file="../outside.mp4"))
     errors = refused.value.response["node_errors"]["3"]["errors"]
-    assert [e["extra_info"]["input_name"] for e in errors] == ["file"]
+    # `source` too: whether the file is read depends on it (a live source never reads its hidden old file)
+    assert sorted(e["extra_info"]["input_name"] for e in errors) == ["file", "source"]
     make_clip(comfy_server.input_dir / "prefix.mp4", frames=2, tone=False)
     with pytest.raises(PromptFailed, match="filename_prefix '/abs' is an absolute path"):
         comfy_server.run(loop_prompt("/abs", file="prefix.mp4", width=64, height=64))
@@ -347,7 +348,8 @@ def test_date_in_a_prefix_works_as_in_core(comfy_server):
 PACK = ["FeatureBank", "ExtendedAttentionPatch", "FeatureFusionPatch", "StreamV2VSampler", "StreamV2VLoop",
         "StreamV2VNextFrame", "StreamV2VWebcamEcho", "StreamV2VMetrics", "RandomizedBlendContext"]
 STREAM_TUNING = {"similarity_threshold", "max_skips", "compile", "residual_delta"}
-TUNING = {"FeatureBank": {"seed"}, "StreamV2VSampler": STREAM_TUNING, "StreamV2VLoop": STREAM_TUNING,
+LOOP_TUNING = STREAM_TUNING | {"idle_timeout", "osc_host", "record_take"}
+TUNING = {"FeatureBank": {"seed"}, "StreamV2VSampler": STREAM_TUNING, "StreamV2VLoop": LOOP_TUNING,
           "StreamV2VMetrics": {"flow_size", "frames_per_latent"}, "RandomizedBlendContext": {"frame_axis", "seed"}}
 
 

@@ -138,18 +138,20 @@ async def _save_and_load(cdp):
     await posts_with(cdp, "strength", 1)
     await cdp.js("midiSend([0x99, 36, 1]) || true")
     await posts_with(cdp, "seed", 77)
-    # a workflow saved before the loop had osc_port, osc_host and record_take: loaded, they keep sane values
+    # a workflow saved before the loop had osc_port, osc_host, record_take and idle_timeout (0.3): loaded, they
+    # keep sane values
     older = await cdp.js("""(async () => {
         const saved = app.graph.serialize();
         const node = saved.nodes.find((n) => n.type === 'StreamV2VLoop');
         const names = window.loop.widgets.filter((w) => w.serialize !== false).map((w) => w.name);
-        node.widgets_values.splice(names.indexOf('osc_port'), 3);
+        node.widgets_values.splice(names.indexOf('osc_port'), 4);
         app.graph.clear();
         await app.loadGraphData(saved);
         const loop = app.graph._nodes.find((n) => n.type === 'StreamV2VLoop');
         const value = (name) => loop.widgets.find((w) => w.name === name).value;
-        return [value('osc_port'), value('osc_host'), value('record_take'), value('guidance')]; })()""")
-    assert older == [0, "127.0.0.1", True, "full CFG"], older
+        return [value('osc_port'), value('osc_host'), value('record_take'), value('idle_timeout'),
+                value('guidance')]; })()""")
+    assert older == [0, "127.0.0.1", True, 30, "full CFG"], older
 
 
 async def _screenshot_mapping(cdp, path):

@@ -213,8 +213,10 @@ def test_a_live_prompt_reaches_the_output_of_the_next_frame_through_the_engine(p
     plain, _ = run()
     changed, status = run(change_at=5)
     assert len(clip.encodes) == 1 and status["log"] == [{"frame": 5, "change": "prompt 'oil painting'"}]
+    # Not bit-equal: the second run reads its (cleared, fully masked) bank where the first had none yet, the same
+    # attention through another kernel path (rounding only, far below what a prompt changes)
     for i in range(5):
-        assert torch.equal(plain[i], changed[i]), f"output {i} changed before the prompt did"
+        assert (plain[i] - changed[i]).abs().max() < 1e-5, f"output {i} changed before the prompt did"
     for i in range(5, 10):
         assert (plain[i] - changed[i]).abs().max() > 1e-3, f"output {i} did not follow the new prompt"
 

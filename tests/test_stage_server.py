@@ -32,7 +32,8 @@ def get(server, path):
 
 
 def post(server, path):
-    request = urllib.request.Request(f"{server.url}{path}", data=b"", method="POST")
+    request = urllib.request.Request(f"{server.url}{path}", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})  # the request guard's rule
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 

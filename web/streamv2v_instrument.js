@@ -148,9 +148,9 @@ function widgetNumber(node, name, fallback) {
   return Number.isFinite(value) ? value : fallback;
 }
 
-// A workflow saved before the loop had its OSC/take inputs holds the upload button's value where osc_port is now:
-// those inputs go back to their defaults (the frontend assigns saved values by position).
-const INSTRUMENT_DEFAULTS = { osc_port: 0, osc_host: "127.0.0.1", record_take: true };
+// A workflow saved before the loop had its OSC, take and idle_timeout inputs (0.3) holds the upload button's value
+// where osc_port is now: those inputs go back to their defaults (the frontend assigns saved values by position).
+const INSTRUMENT_DEFAULTS = { osc_port: 0, osc_host: "127.0.0.1", record_take: true, idle_timeout: 30 };
 
 function repairOlderWorkflow(node) {
   const port = node.widgets?.find((w) => w.name === "osc_port");

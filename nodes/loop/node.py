@@ -23,7 +23,6 @@ from .inputs import source_inputs
 from .instrument import InstrumentChoice, LoopInstrument, instrument_inputs
 from .sink import LoopSink, drops_text
 from .sources import BROWSER, LIVE_SOURCES, VIDEO_FILE, FramePick, FrameStream, SourceChoice
-from .one_take import session_free
 from ..node_status import NodeStatus, node_id_of
 from ..output_files import check_prefix
 from .._schema import VIDEO_CATEGORY, NodeInputs, advanced, guidance_inputs, model_inputs, stream_inputs
@@ -102,19 +101,20 @@ class StreamV2VLoop(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, source=VIDEO_FILE, file="", compile=OFF, session="webcam"):
+    def validate_inputs(cls, source=VIDEO_FILE, file="", compile=OFF):
         # ComfyUI reports a message on every input this function takes, so it takes only what it checks:
         # `file` (for the sources that read it: a live source never does, so a workflow switched to the webcam
         # is not refused for its old file), `compile` (named so that an old workflow's boolean passes
-        # ComfyUI's list check), and for live sources `session` (one take a session: a second copy queued by
-        # Ctrl+Enter must not start a stray take when the first one stops). filename_prefix and
-        # prompt_schedule are checked first thing in execute, each naming itself.
+        # ComfyUI's list check) and `source` (a bad file is then reported on `source` and `file`: whether the
+        # file is read at all depends on the source). One take a session is checked in front of POST /prompt
+        # (one_take.py), on `session` alone. filename_prefix and prompt_schedule are checked first
+        # thing in execute, each naming itself.
         try:
             compile_mode(compile)
         except ValueError as error:
             return str(error)
         if source in LIVE_SOURCES:
-            return session_free(session) or True
+            return True
         return check_input(file) or True
 
     @classmethod

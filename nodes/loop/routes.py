@@ -287,10 +287,18 @@ async def get_params(request: web.Request) -> web.Response:
                              headers={"Cache-Control": "no-store"})
 
 
-def add_loop_routes(routes: web.RouteTableDef) -> None:
-    """The loop's routes (webcam link, stop, status, live params, presets, the stage) on ComfyUI's route table."""
+def add_loop_routes(routes: web.RouteTableDef, app: web.Application | None = None) -> None:
+    """The loop's routes (webcam link, stop, status, live params, presets, the stage) on ComfyUI's route table,
+    and on ``app`` (before the server starts) the one-take check in front of ``POST /prompt``."""
+    from .one_take import refuse_second_take
     from .preset_routes import add_preset_routes  # here: both build on this module's helpers
     from .stage import add_stage_routes
+
+    if app is not None and not app.frozen:
+        app.middlewares.append(refuse_second_take)
+    else:
+        log.warning("StreamV2V: the server was already started; a second live loop on a busy session will not be "
+                    "refused when queued")
 
     routes.get("/streamv2v/webcam/{session}/ws")(guarded("none")(webcam_socket))  # frames in, stop: guarded
     routes.post("/streamv2v/webcam/{session}/frame")(guarded("image")(post_frame))

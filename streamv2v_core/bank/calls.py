@@ -134,6 +134,8 @@ class BankCall:
                      for j in range(per_chunk)]
         self.geometry = (max(row[0] for row in self.rows) + 1, plan.total_steps, max(slots) + 1)
         self.deepest: dict[tuple, int] = {}  # latent (H, W) -> deepest resolution level seen in this call
+        if masks is not None:  # a masked call reads every key its rows address: they must exist
+            bank.grow(self.geometry)
         self._writes = {name: self._plan_writes(name) for name in NAMES}
         # Everything the forward reads is computed here, from host integers, and holds no frame
         # numbers: under torch.compile it becomes guards, which then match call after call.

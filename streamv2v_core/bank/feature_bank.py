@@ -160,6 +160,15 @@ class FeatureBank:
             for shape, layers in by_shape.items():
                 self.store.ensure(name, shape, layers, staged[layers[0]], geometry)
 
+    def grow(self, geometry: tuple) -> None:
+        """Make every storage (and FF's unit copy) hold at least ``geometry`` ``(F, S, B)`` keys: a masked call
+        reads whole keys, so the keys its rows address must exist before its forward (``TokenStore.grow``)."""
+        if all(all(a >= b for a, b in zip(g, geometry)) for name in ("n", "o") for g in self.geometries(name)):
+            return  # the steady case: host integers only
+        with self.lock, torch.inference_mode():
+            self.store.grow(geometry)
+            self.units.store.grow(geometry)
+
     # -- housekeeping -------------------------------------------------------------------
     def check_signature(self, signature: dict) -> str | None:
         """Clear the bank when what its features came from changed; returns the reason, or None.

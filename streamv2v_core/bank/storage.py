@@ -114,6 +114,14 @@ class TokenStore:
         self._drop_unused(name)
         return group
 
+    def grow(self, geometry) -> None:
+        """Room for at least ``geometry`` ``(F, S, B)`` in every group (new keys empty and masked): a call whose
+        rows need more flags, steps or slots than the storage has (a live cfg above 1 adds the uncond flag)
+        reads empty keys, never past the end. Existing keys keep their ``(flag, step, slot)``."""
+        for groups in self._groups.values():
+            for shape, group in groups.items():
+                groups[shape] = self._grown(group, group.layers, geometry)
+
     @staticmethod
     def _grown(group: _Group, layers: list, geometry) -> _Group:
         """``group`` with room for more flags, steps or slots and for layers first seen now (rare)."""

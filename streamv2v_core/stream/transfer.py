@@ -117,8 +117,7 @@ class Handoff:
                 self._deliver(previous)
             return
         self.flush()
-        self.deliver(payload, image.cpu() if image.device.type != "cpu" else image,
-                     None if finite is None else finite.cpu())
+        self.deliver(payload, _on_host(image), None if finite is None else _on_host(finite))
 
     def flush(self) -> None:
         if self.pending is not None:
@@ -129,3 +128,8 @@ class Handoff:
         payload, host, flag, done = item
         done.synchronize()  # waits for this copy only; later frames' work stays queued
         self.deliver(payload, host.clone(), None if flag is None else flag.clone())
+
+
+def _on_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the host (itself when it is there: no copy, and no read the sync counters would count)."""
+    return tensor if tensor.device.type == "cpu" else tensor.cpu()
