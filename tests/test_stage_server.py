@@ -12,6 +12,7 @@ import asyncio
 import json
 import statistics
 import time
+import urllib.error
 import urllib.request
 
 import av
@@ -129,6 +130,13 @@ def test_second_live_loop_for_a_running_session_is_refused_naming_it(comfy_serve
             comfy_server.queue_prompt(webcam_loop_prompt(session, "stage/single_again"))
         text = json.dumps(refused.value.response)
         assert f"a loop is already queued or running on session '{session}'" in text, text
+        (errors,) = [node["errors"] for node in refused.value.response["node_errors"].values()]
+        assert [e["extra_info"]["input_name"] for e in errors] == ["session"]  # on the input at fault alone
+        # a body the check cannot read goes on to ComfyUI's own handler, which answers it as ever
+        junk = urllib.request.Request(f"{comfy_server.url}/prompt", data=b'{"prompt": [[[', method="POST")
+        with pytest.raises(urllib.error.HTTPError) as answered:
+            urllib.request.urlopen(junk, timeout=10)
+        assert answered.value.code in (400, 500)
         # another session is fine (and is refused nothing)
         other = comfy_server.queue_prompt(webcam_loop_prompt("stage_other", "stage/other", idle_timeout=1.0))
     finally:
