@@ -562,7 +562,12 @@ class Trainer:
 
         files = toy_files(self.args.out)
         files["unet"].parent.mkdir(parents=True, exist_ok=True)
-        mean, std = float(self.data["unet"].mean()), float(self.data["unet"].std())
+        if self.data["unet"] is not None:
+            mean, std = float(self.data["unet"].mean()), float(self.data["unet"].std())
+        elif "latent_mean" in self.earlier:  # the UNet was not trained here: keep the scaling it was trained with
+            mean, std = float(self.earlier["latent_mean"]), float(self.earlier["latent_std"])
+        else:
+            raise SystemExit("no UNet latents to scale by: run the UNet phase, or --init-from a model with a log")
         # ComfyUI: raw = encoder / vae_scale + vae_shift, UNet input = raw * 0.18215 (SD15 latent format).
         # These two make the UNet input (encoder - mean) / std, as trained; the decoder still gets the encoder's.
         vae_sd = {k: v.detach().half().contiguous() for k, v in self.taesd.state_dict().items()}
