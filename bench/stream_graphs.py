@@ -75,7 +75,8 @@ def build(name: str, torch, frames: int, kind: str):
     net = controlnet(unet, torch, torch.float32, "cpu")
     cond, negative = ControlNetApplyAdvanced().apply_controlnet(cond, negative, net, hints[0][None], 1.0, 0.0, 1.0)
 
-    def frame_conditioning(index, image):
+    def frame_conditioning(frame):
+        index = frame.index
         change = index // 10 if name == "live changes" else 0
         return FrameConditioning(positive=[[cond[0][0] + 0.01 * change, dict(cond[0][1])]] if change else None,
                                  hint=hints[index][None], control_scale=1.0 - 0.05 * change,
@@ -100,7 +101,7 @@ def measure(name: str, torch, frames: int, model: str) -> dict:
         before_graphs, before_compiles, probe.count = counters["stats"]["unique_graphs"], counters["frames"]["total"], 0
         started = time.perf_counter()
         run_stream(unet, positive, negative, vae, iter(images),
-                   StreamSettings(bank_start=FRESH, compile="default", seed=1, **settings), lambda i, im: None,
+                   StreamSettings(bank_start=FRESH, compile="default", seed=1, **settings), lambda out: None,
                    stream_key=f"graphs {name}", conditioning=provider)
         out[stream] = {"graphs": counters["stats"]["unique_graphs"] - before_graphs,
                        "compiles": counters["frames"]["total"] - before_compiles, "calls": probe.count,
