@@ -96,6 +96,19 @@ if [[ ! -x /usr/bin/chromium ]]; then
     fi
 fi
 
+# ---------------------------------------------------------------- the newest frontend (browser tests; best effort)
+# The browser tests also run on the newest comfyui-frontend-package (served with --front-end-root), which newer
+# ComfyUI ships; 0.3.75's own is older. Kept in .cache/ (tests/conftest.py NEWEST_FRONTEND_VERSION: keep in step).
+FRONTEND_VERSION=1.58.1
+FRONTEND_DIR="$REPO/.cache/frontend-$FRONTEND_VERSION"
+if [[ ! -f "$FRONTEND_DIR/comfyui_frontend_package/static/index.html" ]]; then
+    log "installing comfyui-frontend-package $FRONTEND_VERSION into $FRONTEND_DIR (browser tests on the newest frontend)"
+    if ! quiet_pip "$VPY" -m pip install --quiet --no-deps --target "$FRONTEND_DIR" \
+            "comfyui-frontend-package==$FRONTEND_VERSION"; then
+        log "comfyui-frontend-package $FRONTEND_VERSION could not be installed: its browser tests will be skipped"
+    fi
+fi
+
 # ---------------------------------------------------------------- real footage (best effort)
 # Real clips from Debian's opencv-doc package, for tests/test_similarity_footage.py (vtest.avi, people walking),
 # the toy model's training, benchmarks and demo (vtest.avi, Megamind.avi: animation, tree.avi): only these three
