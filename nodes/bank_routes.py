@@ -20,6 +20,9 @@ is forgotten) under its name.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import json
 import logging
 
@@ -32,6 +35,7 @@ from .engine.compiled_unet import release_compiled
 from .request_guard import guarded
 
 log = logging.getLogger("streamv2v")
+RESET_WAIT_S = 5.0  # how long /free waits for the compiled graphs' reset (a compile still running is not waited for)
 
 
 def _name(request: web.Request) -> str | None:
@@ -69,28 +73,40 @@ async def delete_bank(request: web.Request) -> web.Response:
     return web.json_response({"removed": bank is not None, "bytes": held})
 
 
-def free_all(reason: str) -> int:
+def free_all(reason: str) -> tuple[int, "concurrent.futures.Future | None"]:
     """Clear every bank; drop every stream state, compiled UNet graph (with its CUDA-graph memory pools), and
-    every bank, session and cursor no loop runs on; returns the bytes the banks held."""
+    every bank, session and cursor no loop runs on. Returns the bytes the banks held and the future of the
+    compiled graphs' reset (None when nothing was compiled)."""
     held = BANKS.free(reason)
     clear_all_registries()  # stream states, browser sessions, frame cursors (whatever is registered)
-    release_compiled(reason)
+    reset = release_compiled(reason)
     log.info("StreamV2V: %s released %.1f MiB of feature banks", reason, held / 2**20)
-    return held
+    return held, reset
 
 
 @web.middleware
 async def release_on_free(request: web.Request, handler):
-    """After ComfyUI's own ``POST /free`` with ``free_memory``, drop the banks too."""
-    response = await handler(request)
-    if request.method == "POST" and request.path.rstrip("/") in ("/free", "/api/free") and response.status == 200:
+    """Before ComfyUI's own ``POST /free`` with ``free_memory`` is handled, drop the banks, stream states and
+    compiled graphs too.
+
+    Before, not after: what the pack drops may hold the last reference to a model ComfyUI tracks, whose
+    finalizer edits ComfyUI's list of loaded models (``cleanup_models``); ComfyUI's worker walks that list as
+    soon as the handler has set its flag (``unload_all_models``), so doing both at once crashed the worker
+    thread (seen once in five full test runs). Here everything the pack drops is gone, and the reset of the
+    compiled graphs done (waited for at most ``RESET_WAIT_S``: a compile still running is not waited for),
+    before ComfyUI is told to free.
+    """
+    if request.method == "POST" and request.path.rstrip("/") in ("/free", "/api/free"):
         try:
             body = json.loads(await request.read() or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             body = {}
         if isinstance(body, dict) and body.get("free_memory"):
-            free_all("ComfyUI's Free memory")
-    return response
+            _, reset = free_all("ComfyUI's Free memory")
+            if reset is not None:
+                with contextlib.suppress(asyncio.TimeoutError, Exception):
+                    await asyncio.wait_for(asyncio.wrap_future(reset), RESET_WAIT_S)
+    return await handler(request)
 
 
 def add_bank_routes(routes, app) -> None:

@@ -31,6 +31,7 @@ memory releases them with their CUDA-graph memory pools (``release_compiled``).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import weakref
@@ -207,17 +208,19 @@ def forget_compiled() -> None:
     forget_warnings()
 
 
-def release_compiled(reason: str) -> bool:
+def release_compiled(reason: str) -> "concurrent.futures.Future | None":
     """Drop the compiled graphs and their memory (ComfyUI's Free memory): dynamo's caches, and inductor's
-    CUDA-graph trees with their memory pools, reset on the thread that holds them. Returns whether anything
-    had been compiled since the last release (else nothing is reset). The next compiled run compiles again."""
+    CUDA-graph trees with their memory pools, reset on the thread that holds them. Returns the reset's future
+    when anything had been compiled since the last release (else None: nothing is reset); it is queued behind
+    a compile still running, so a caller may wait for it with a bound, never for ever. The next compiled run
+    compiles again."""
     with _lock:
         compiled = bool(_FUNCTIONS)
     forget_compiled()
-    if compiled:
-        COMPILER.submit(_reset_compiled)  # queued behind a compile still running, never waited for here
-        log.info("StreamV2V: %s released the compiled UNet graphs", reason)
-    return compiled
+    if not compiled:
+        return None
+    log.info("StreamV2V: %s released the compiled UNet graphs", reason)
+    return COMPILER.submit(_reset_compiled)
 
 
 def _reset_compiled() -> None:
